@@ -1,0 +1,422 @@
+//! Private keys by reference. Owns the [`KeyStore`] trait, the [`Key`] handle and
+//! key URIs; the backends (`file` here, TPM and PKCS#11 beside it) implement them.
+//!
+//! Callers never see key material: they name a key by URI, ask for its public key
+//! (SubjectPublicKeyInfo DER) and ask it to sign a digest. A backend that cannot do
+//! something returns [`KeyError::Unsupported`]; nothing here panics on bad input.
+
+pub mod file;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::Digest as _;
+
+/// Key algorithms the agent can generate and use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum KeyAlgorithm {
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+    #[serde(rename = "ecdsa-p384")]
+    EcdsaP384,
+}
+
+impl KeyAlgorithm {
+    /// Every algorithm, in the order shown to users.
+    pub const ALL: [KeyAlgorithm; 2] = [KeyAlgorithm::EcdsaP384, KeyAlgorithm::EcdsaP256];
+
+    /// The name used in the config file (`operational.key_algorithm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyAlgorithm::EcdsaP256 => "ecdsa-p256",
+            KeyAlgorithm::EcdsaP384 => "ecdsa-p384",
+        }
+    }
+
+    /// Parses a config name such as `ecdsa-p384`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The signature scheme used with this key for CSRs and TLS 1.3
+    /// (the curve fixes the hash: P-256 with SHA-256, P-384 with SHA-384).
+    pub fn default_scheme(self) -> SignScheme {
+        match self {
+            KeyAlgorithm::EcdsaP256 => SignScheme::Ecdsa(HashAlg::Sha256),
+            KeyAlgorithm::EcdsaP384 => SignScheme::Ecdsa(HashAlg::Sha384),
+        }
+    }
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Hash functions used before signing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HashAlg {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl HashAlg {
+    /// Hashes `data`.
+    pub fn digest(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            HashAlg::Sha256 => sha2::Sha256::digest(data).to_vec(),
+            HashAlg::Sha384 => sha2::Sha384::digest(data).to_vec(),
+            HashAlg::Sha512 => sha2::Sha512::digest(data).to_vec(),
+        }
+    }
+
+    /// Length of the digest in bytes.
+    pub fn output_len(self) -> usize {
+        match self {
+            HashAlg::Sha256 => 32,
+            HashAlg::Sha384 => 48,
+            HashAlg::Sha512 => 64,
+        }
+    }
+}
+
+/// How a digest is turned into a signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SignScheme {
+    /// ECDSA; the signature is returned DER-encoded (`Ecdsa-Sig-Value`).
+    Ecdsa(HashAlg),
+}
+
+impl SignScheme {
+    pub fn hash(self) -> HashAlg {
+        match self {
+            SignScheme::Ecdsa(h) => h,
+        }
+    }
+}
+
+/// The backends a key can live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Tpm,
+    Pkcs11,
+    File,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Tpm, Backend::Pkcs11, Backend::File];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tpm => "tpm",
+            Backend::Pkcs11 => "pkcs11",
+            Backend::File => "file",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A key's name: `file:/path`, `tpm:/path/key.tss2.pem`, `tpm:handle=0x81000101` or an
+/// RFC 7512 `pkcs11:` URI. Kept as the string the user or the store wrote, so it
+/// round-trips exactly. It never contains secrets: PIN attributes are stripped
+/// before a URI is shown (see [`KeyUri::redacted`]).
+#[derive(Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KeyUri(String);
+
+impl KeyUri {
+    /// Checks the scheme and makes a URI. File paths must be absolute.
+    pub fn parse(s: &str) -> Result<Self, KeyError> {
+        let bad = |reason: &str| KeyError::BadUri {
+            uri: redact(s),
+            reason: reason.to_string(),
+        };
+        let (scheme, rest) = s
+            .split_once(':')
+            .ok_or_else(|| bad("it has no scheme; write file:/path, tpm:… or pkcs11:…"))?;
+        match scheme {
+            "file" => {
+                if !rest.starts_with('/') {
+                    return Err(bad("file: URIs need an absolute path, e.g. file:/etc/dps-agent/bootstrap/device.key"));
+                }
+            }
+            "tpm" => {
+                if !(rest.starts_with('/') || rest.starts_with("handle=")) {
+                    return Err(bad(
+                        "tpm: URIs are tpm:/absolute/path/key.tss2.pem or tpm:handle=0x81000101",
+                    ));
+                }
+            }
+            "pkcs11" => {}
+            _ => return Err(bad("unknown scheme; use file:, tpm: or pkcs11:")),
+        }
+        Ok(KeyUri(s.to_string()))
+    }
+
+    /// A `file:` URI for a path.
+    pub fn file(path: &Path) -> Self {
+        KeyUri(format!("file:{}", path.display()))
+    }
+
+    /// The backend this URI belongs to.
+    pub fn backend(&self) -> Backend {
+        match self.0.split_once(':').map(|(s, _)| s) {
+            Some("tpm") => Backend::Tpm,
+            Some("pkcs11") => Backend::Pkcs11,
+            _ => Backend::File,
+        }
+    }
+
+    /// The path of a `file:` (or `tpm:/…`) URI.
+    pub fn path(&self) -> Option<PathBuf> {
+        let rest = self.0.split_once(':')?.1;
+        rest.starts_with('/').then(|| PathBuf::from(rest))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URI with any PIN attribute removed, safe to log or show.
+    pub fn redacted(&self) -> String {
+        redact(&self.0)
+    }
+}
+
+/// Replaces the value of every `pin-value=` attribute (RFC 7512) in a URI-ish
+/// string, wherever it appears.
+fn redact(s: &str) -> String {
+    const ATTR: &str = "pin-value=";
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(ATTR) {
+        out.push_str(&rest[..i + ATTR.len()]);
+        out.push_str("REDACTED");
+        rest = &rest[i + ATTR.len()..];
+        let end = rest.find([';', '&', '?']).unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+impl TryFrom<String> for KeyUri {
+    type Error = KeyError;
+    fn try_from(s: String) -> Result<Self, KeyError> {
+        KeyUri::parse(&s)
+    }
+}
+
+impl From<KeyUri> for String {
+    fn from(u: KeyUri) -> String {
+        u.0
+    }
+}
+
+impl fmt::Display for KeyUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for KeyUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyUri({})", self.redacted())
+    }
+}
+
+/// A usable private key, living in some backend. Cheap to clone through `Arc`.
+pub trait Key: Send + Sync {
+    /// Where the key lives.
+    fn uri(&self) -> &KeyUri;
+    /// Its algorithm.
+    fn algorithm(&self) -> KeyAlgorithm;
+    /// Its public key as DER SubjectPublicKeyInfo.
+    fn public_key_der(&self) -> &[u8];
+    /// Signs a digest that the caller computed with `scheme.hash()`.
+    fn sign_digest(&self, scheme: SignScheme, digest: &[u8]) -> Result<Vec<u8>, KeyError>;
+
+    /// Hashes `message` and signs it.
+    fn sign_message(&self, scheme: SignScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.sign_digest(scheme, &scheme.hash().digest(message))
+    }
+}
+
+impl fmt::Debug for dyn Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({}, {})", self.uri(), self.algorithm())
+    }
+}
+
+/// A place that makes, opens and deletes keys. Backends: file (development and
+/// tests), TPM, PKCS#11. Implementations are `Send + Sync`; a backend whose device
+/// handle is not (the TPM context) keeps it on its own thread.
+pub trait KeyStore: Send + Sync {
+    /// The backend this store is.
+    fn backend(&self) -> Backend;
+
+    /// Makes a new key pair inside the backend. `name` is a short label chosen by
+    /// the caller (letters, digits, `-`, `_`, `.`); the returned URI names the key
+    /// from now on. The private key never leaves the backend.
+    fn generate(&self, name: &str, algorithm: KeyAlgorithm) -> Result<KeyUri, KeyError>;
+
+    /// Opens a key by URI (one this store made, or one made elsewhere).
+    fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError>;
+
+    /// Deletes a key this store made. Deleting a key that is already gone is not
+    /// an error.
+    fn delete(&self, uri: &KeyUri) -> Result<(), KeyError>;
+
+    /// The keys this store made with [`KeyStore::generate`] (so that leftovers of
+    /// an interrupted renewal can be found and removed).
+    fn list(&self) -> Result<Vec<KeyUri>, KeyError>;
+}
+
+/// Errors from key backends. Messages name the key and, where one exists, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key URI {uri:?} is not valid: {reason}")]
+    BadUri { uri: String, reason: String },
+    #[error("key {uri} does not exist{hint}")]
+    NotFound { uri: String, hint: String },
+    #[error("{}: cannot {action}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Format { path: PathBuf, reason: String },
+    #[error("{what} is not supported by the {backend} key backend{hint}")]
+    Unsupported {
+        backend: Backend,
+        what: String,
+        hint: String,
+    },
+    #[error("key name {0:?} is not valid: use letters, digits, '-', '_' and '.'")]
+    BadName(String),
+    #[error("signing with {uri} failed: {reason}")]
+    Sign { uri: String, reason: String },
+}
+
+/// Checks a key name given to [`KeyStore::generate`].
+pub fn check_key_name(name: &str) -> Result<(), KeyError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(KeyError::BadName(name.to_string()))
+    }
+}
+
+/// Converts a raw `r || s` ECDSA signature (as TPMs and PKCS#11 tokens return it)
+/// into DER.
+pub fn ecdsa_raw_to_der(algorithm: KeyAlgorithm, raw: &[u8]) -> Option<Vec<u8>> {
+    match algorithm {
+        KeyAlgorithm::EcdsaP256 => p256::ecdsa::Signature::from_slice(raw)
+            .ok()
+            .map(|s| s.to_der().as_bytes().to_vec()),
+        KeyAlgorithm::EcdsaP384 => p384::ecdsa::Signature::from_slice(raw)
+            .ok()
+            .map(|s| s.to_der().as_bytes().to_vec()),
+    }
+}
+
+/// Opens any key by URI, whatever its backend (bootstrap keys may live in a
+/// different backend than operational keys).
+pub fn open_key(uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
+    match uri.backend() {
+        Backend::File => file::FileKeyStore::new(Path::new("/")).open(uri),
+        other => Err(KeyError::Unsupported {
+            backend: other,
+            what: format!("opening {uri}"),
+            hint: " in this version".into(),
+        }),
+    }
+}
+
+/// Opens the store for a backend. `key_dir` is where generated key files go.
+pub fn open_store(backend: Backend, key_dir: &Path) -> Result<Arc<dyn KeyStore>, KeyError> {
+    match backend {
+        Backend::File => Ok(Arc::new(file::FileKeyStore::new(key_dir))),
+        other => Err(KeyError::Unsupported {
+            backend: other,
+            what: "this build".into(),
+            hint: "; set [operational] key_backend = \"file\"".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_schemes() {
+        assert_eq!(
+            KeyUri::parse("file:/a/b.key").unwrap().backend(),
+            Backend::File
+        );
+        assert_eq!(
+            KeyUri::parse("tpm:handle=0x81000101").unwrap().backend(),
+            Backend::Tpm
+        );
+        assert_eq!(
+            KeyUri::parse("pkcs11:token=t;object=o").unwrap().backend(),
+            Backend::Pkcs11
+        );
+        assert!(KeyUri::parse("file:relative.key").is_err());
+        assert!(KeyUri::parse("/no/scheme").is_err());
+        assert!(KeyUri::parse("tpm:0x81").is_err());
+        assert!(KeyUri::parse("gopher:x").is_err());
+    }
+
+    #[test]
+    fn pins_never_shown() {
+        let u = KeyUri::parse("pkcs11:token=t;object=o;pin-value=1234").unwrap();
+        assert!(!u.to_string().contains("1234"));
+        assert!(!format!("{u:?}").contains("1234"));
+        let u = KeyUri::parse("pkcs11:token=t?pin-value=9876&module-name=x").unwrap();
+        assert!(!u.redacted().contains("9876"));
+        assert!(u.redacted().contains("module-name=x"));
+        let e = KeyUri::parse("nope:pin-value=5555").unwrap_err();
+        assert!(!e.to_string().contains("5555"));
+    }
+
+    #[test]
+    fn key_names() {
+        assert!(check_key_name("op-20261123-ab12").is_ok());
+        assert!(check_key_name("../etc").is_err());
+        assert!(check_key_name("").is_err());
+        assert!(check_key_name("a/b").is_err());
+    }
+
+    #[test]
+    fn raw_signature_conversion() {
+        let mut raw = vec![0u8; 96];
+        raw[47] = 1;
+        raw[95] = 2;
+        let der = ecdsa_raw_to_der(KeyAlgorithm::EcdsaP384, &raw).unwrap();
+        assert_eq!(der, vec![0x30, 6, 2, 1, 1, 2, 1, 2]);
+        assert!(ecdsa_raw_to_der(KeyAlgorithm::EcdsaP256, &raw).is_none());
+    }
+}

@@ -1,0 +1,225 @@
+//! The `dps-agent` command line: parses arguments, loads the config, runs one
+//! command and maps the outcome to an exit code. All work happens in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use dps_agent::clock::{self, rfc3339};
+use dps_agent::config::{self, Config};
+use dps_agent::csr::Csr;
+use dps_agent::keys::{self, KeyAlgorithm, KeyStore, KeyUri};
+use dps_agent::lifecycle::Agent;
+use dps_agent::status::Status;
+use dps_agent::store::Store;
+
+/// Exit code for "failed, but trying again later may work" (EX_TEMPFAIL).
+const EXIT_TEMPFAIL: u8 = 75;
+
+#[derive(Parser)]
+#[command(
+    name = "dps-agent",
+    version,
+    about = "Gives this gateway its Azure IoT identity through DPS and keeps it renewed.",
+    long_about = "dps-agent provisions the device through Azure IoT Hub Device Provisioning Service (DPS) \
+with its bootstrap credential, sends a certificate signing request for a fresh key kept in the TPM, a \
+PKCS#11 token or (for development) a file, and stores the short-lived operational certificate chain DPS \
+returns. It then renews that certificate before it expires.\n\n\
+First steps:\n  \
+1. edit /etc/dps-agent/config.toml (every key is explained in the file)\n  \
+2. dps-agent check-config\n  \
+3. dps-agent run --once      # provision now and print the result\n  \
+4. systemctl enable --now dps-agent",
+    after_help = "Exit codes: 0 success; 1 failure (the message says why); 2 bad command line; \
+75 temporary failure (DPS unreachable or throttling: try again later).\n\
+Files: /etc/dps-agent/config.toml (+ config.d/*.toml), /var/lib/dps-agent/ (identity.json, operational-chain.pem)."
+)]
+struct Cli {
+    /// Config file; drop-ins are read from config.d/ beside it.
+    #[arg(long, short = 'c', global = true, env = "DPS_AGENT_CONFIG", default_value = config::DEFAULT_PATH, value_name = "PATH")]
+    config: PathBuf,
+
+    /// Log level for this run (error, warn, info, debug, trace); overrides [log] level.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<log::LevelFilter>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Provision if needed, then keep the identity renewed.
+    ///
+    /// With --once: provision if there is no valid stored identity, print a one-line
+    /// summary and exit; a valid stored identity is used as is, without contacting DPS.
+    Run {
+        /// Provision if needed, print the result, exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Show the device identity: ids, hub, key, certificate dates.
+    Status {
+        /// Print JSON (fields documented in the README) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config file and drop-ins; exit 0 if valid, 1 with the problem otherwise.
+    CheckConfig,
+    /// Make a new key pair for onboarding and print its URI.
+    ///
+    /// Example: dps-agent keygen --out /etc/dps-agent/bootstrap/device.key
+    Keygen {
+        /// Where to write the key (file backend: a PEM file, mode 0600).
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        /// Key algorithm.
+        #[arg(long, default_value = "ecdsa-p384", value_parser = parse_algorithm)]
+        algorithm: KeyAlgorithm,
+    },
+    /// Print a PKCS#10 certificate signing request for a key (for your CA to sign).
+    ///
+    /// Example: dps-agent csr --key file:/etc/dps-agent/bootstrap/device.key --cn gw-0001 --out device.csr
+    Csr {
+        /// The key's URI (file:…, tpm:…, pkcs11:…).
+        #[arg(long, value_name = "URI")]
+        key: String,
+        /// The subject common name: the DPS registration id.
+        #[arg(long, value_name = "REGID")]
+        cn: String,
+        /// Write the PEM here instead of standard output.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
+}
+
+fn parse_algorithm(s: &str) -> Result<KeyAlgorithm, String> {
+    KeyAlgorithm::from_name(s).ok_or_else(|| "use ecdsa-p384 or ecdsa-p256".to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` prints the whole chain of causes on one line.
+            eprintln!("dps-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig => {
+            let c = Config::load(&cli.config)?;
+            let files: Vec<String> = c.files.iter().map(|f| f.display().to_string()).collect();
+            println!("{}: OK", files.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let c = Config::load(&cli.config)?;
+            let store = Store::open_read_only(&c.state.dir);
+            let status = Status::from_store(&c.dps.registration_id, &store, clock::now());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.to_text(clock::now()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { out, algorithm } => {
+            init_logging(cli.log_level.unwrap_or(log::LevelFilter::Warn));
+            let out = absolute(&out)?;
+            if out.exists() {
+                anyhow::bail!("{} exists; refusing to overwrite a key", out.display());
+            }
+            let dir = out.parent().context("the output path has no directory")?;
+            let name = out
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".key"))
+                .context("the output file name must end in .key")?;
+            let uri = keys::file::FileKeyStore::new(dir).generate(name, algorithm)?;
+            println!("{uri}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Csr { key, cn, out } => {
+            init_logging(cli.log_level.unwrap_or(log::LevelFilter::Warn));
+            let uri = KeyUri::parse(&key)?;
+            let key = keys::open_key(&uri)?;
+            let pem = Csr::build(key.as_ref(), &cn)?.to_pem();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, pem)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{pem}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { once } => {
+            let c = Config::load(&cli.config)?;
+            init_logging(cli.log_level.unwrap_or(c.log.level));
+            if !once {
+                anyhow::bail!("daemon mode is not available yet; use `dps-agent run --once`");
+            }
+            run_once(c)
+        }
+    }
+}
+
+fn run_once(config: Config) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let agent = Agent::open(config)?;
+    if let Some(id) = agent.usable_identity()? {
+        println!(
+            "{}: already provisioned as device {} on {}; certificate valid until {} (no DPS contact)",
+            id.registration_id,
+            id.device_id,
+            id.assigned_hub,
+            rfc3339(id.not_after)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match runtime.block_on(agent.provision()) {
+        Ok(id) => {
+            println!(
+                "{}: provisioned as device {} on {}; certificate valid until {}; chain in {}",
+                id.registration_id,
+                id.device_id,
+                id.assigned_hub,
+                rfc3339(id.not_after),
+                agent.store().chain_path().display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("dps-agent: error: provisioning failed: {e}");
+            Ok(if e.is_transient() {
+                ExitCode::from(EXIT_TEMPFAIL)
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn init_logging(level: log::LevelFilter) {
+    dps_agent::logging::init(level);
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}

@@ -1,0 +1,364 @@
+//! Test harness for the end-to-end suites: runs the real `dps-agent` binary
+//! against the real `dps-sim` (and, in later suites, swtpm, SoftHSM2,
+//! dbus-daemon, mosquitto), each started on loopback with ports chosen at run
+//! time, and stopped when the test ends. Nothing here fakes a component.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The registration id the test PKI is made for.
+pub const REG_ID: &str = "gw-0001";
+pub const ID_SCOPE: &str = "0ne00000000";
+
+/// Path of a workspace binary (built by `make test` before the suites run).
+pub fn bin(name: &str) -> PathBuf {
+    let env_name = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(&env_name) {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    let p = target.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("workspace root")
+}
+
+/// A scratch directory for one test, under `target/e2e/`. Left in place after
+/// the run (for post-mortems); `make clean` removes it.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let path = workspace_root().join("target").join("e2e").join(format!(
+            "{name}-{}-{:08x}",
+            std::process::id(),
+            rand_u32()
+        ));
+        fs::create_dir_all(&path).expect("create test dir");
+        TestDir { path }
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}
+
+/// Runs a command and returns its output, failing the test if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Text of stdout and stderr together, for messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A test PKI made by `dps-sim pki`.
+#[derive(Clone)]
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn generate(dir: &Path) -> Pki {
+        let o = run(Command::new(bin("dps-sim"))
+            .arg("pki")
+            .arg("--out")
+            .arg(dir));
+        assert!(o.status.success(), "dps-sim pki failed: {}", text(&o));
+        Pki {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn device_cert(&self) -> PathBuf {
+        self.file(&format!("device-{REG_ID}-full-chain.pem"))
+    }
+
+    pub fn device_key(&self) -> PathBuf {
+        self.file(&format!("device-{REG_ID}.key"))
+    }
+}
+
+/// Options for a simulator run.
+#[derive(Clone, Default)]
+pub struct SimOptions {
+    pub retry_after: Option<u32>,
+    pub polls_before_assign: Option<u32>,
+    pub cert_validity: Option<String>,
+    pub faults: Vec<String>,
+    pub extra: Vec<String>,
+}
+
+/// A running `dps-sim serve`. Killed on drop.
+pub struct Sim {
+    child: Child,
+    pub port: u16,
+    pub events: PathBuf,
+    pub pki: Pki,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Sim {
+    pub fn start(dir: &Path, pki: &Pki, opts: &SimOptions) -> Sim {
+        fs::create_dir_all(dir).expect("sim dir");
+        let ready = dir.join("ready.json");
+        let events = dir.join("events.jsonl");
+        let control = dir.join("faults");
+        let log = dir.join("sim.log");
+        let _ = fs::remove_file(&ready);
+        let mut cmd = Command::new(bin("dps-sim"));
+        cmd.arg("serve")
+            .arg("--pki")
+            .arg(&pki.dir)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--events")
+            .arg(&events)
+            .arg("--control")
+            .arg(&control)
+            .arg("--id-scope")
+            .arg(ID_SCOPE);
+        if let Some(r) = opts.retry_after {
+            cmd.arg("--retry-after").arg(r.to_string());
+        }
+        if let Some(p) = opts.polls_before_assign {
+            cmd.arg("--polls-before-assign").arg(p.to_string());
+        }
+        if let Some(v) = &opts.cert_validity {
+            cmd.arg("--cert-validity").arg(v);
+        }
+        for f in &opts.faults {
+            cmd.arg("--fault").arg(f);
+        }
+        cmd.args(&opts.extra);
+        let logfile = fs::File::create(&log).expect("sim log");
+        cmd.stdout(Stdio::from(logfile.try_clone().expect("log fd")))
+            .stderr(Stdio::from(logfile));
+        let mut child = cmd.spawn().expect("start dps-sim");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let port = loop {
+            if let Ok(t) = fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str::<Value>(&t) {
+                    if let Some(p) = v["mqtt_port"].as_u64() {
+                        break p as u16;
+                    }
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "dps-sim exited early ({status}): {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "dps-sim did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Sim {
+            child,
+            port,
+            events,
+            pki: pki.clone(),
+            control,
+            log,
+        }
+    }
+
+    /// Every event recorded so far.
+    pub fn events(&self) -> Vec<Value> {
+        read_events(&self.events)
+    }
+
+    /// Replaces the active faults (the simulator re-reads them per request).
+    pub fn set_faults(&self, faults: &[&str]) {
+        fs::write(&self.control, faults.join("\n") + "\n").expect("write faults");
+    }
+
+    /// Number of MQTT connections seen.
+    pub fn connections(&self) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["event"] == "connect")
+            .count()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a JSON-lines events file (a missing file is empty).
+pub fn read_events(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}")))
+        .collect()
+}
+
+/// Settings for an agent config file.
+#[derive(Clone)]
+pub struct AgentSetup {
+    pub endpoint: String,
+    pub trust_bundle: PathBuf,
+    pub identity_cert: PathBuf,
+    pub identity_key: String,
+    pub state_dir: PathBuf,
+    pub key_backend: String,
+    pub key_algorithm: String,
+    /// Extra TOML appended verbatim.
+    pub extra: String,
+}
+
+impl AgentSetup {
+    /// A setup for the simulator's PKI, file backend, state under `dir`.
+    pub fn for_sim(dir: &Path, sim: &Sim) -> AgentSetup {
+        AgentSetup {
+            endpoint: format!("localhost:{}", sim.port),
+            trust_bundle: sim.pki.file("server-ca.pem"),
+            identity_cert: sim.pki.device_cert(),
+            identity_key: format!("file:{}", sim.pki.device_key().display()),
+            state_dir: dir.join("state"),
+            key_backend: "file".into(),
+            key_algorithm: "ecdsa-p384".into(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        format!(
+            r#"[dps]
+global_endpoint = "{endpoint}"
+id_scope = "{ID_SCOPE}"
+registration_id = "{REG_ID}"
+trust_bundle = "{trust}"
+attempt_timeout = "60s"
+
+[dps.attestation]
+method = "x509"
+identity_cert = "{cert}"
+identity_key = "{key}"
+
+[operational]
+key_backend = "{backend}"
+key_algorithm = "{alg}"
+
+[state]
+dir = "{state}"
+{extra}
+"#,
+            endpoint = self.endpoint,
+            trust = self.trust_bundle.display(),
+            cert = self.identity_cert.display(),
+            key = self.identity_key,
+            backend = self.key_backend,
+            alg = self.key_algorithm,
+            state = self.state_dir.display(),
+            extra = self.extra,
+        )
+    }
+
+    /// Writes the config file and returns its path.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        fs::write(path, self.toml()).expect("write config");
+        path.to_path_buf()
+    }
+}
+
+/// `dps-agent --config CONFIG args…`
+pub fn agent(config: &Path, args: &[&str]) -> Output {
+    run(Command::new(bin("dps-agent"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_BACKTRACE", "1"))
+}
+
+/// Splits a PEM chain into its certificates (PEM text each).
+pub fn split_pem(pem: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in pem.lines() {
+        cur.push_str(line);
+        cur.push('\n');
+        if line.starts_with("-----END") {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    out
+}
+
+/// Runs openssl and returns stdout; fails the test on error.
+pub fn openssl(args: &[&str]) -> String {
+    let o = run(Command::new("openssl").args(args));
+    assert!(o.status.success(), "openssl {args:?} failed: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The public key (PEM) of a certificate file, as openssl prints it.
+pub fn cert_pubkey(cert: &Path) -> String {
+    openssl(&[
+        "x509",
+        "-in",
+        &cert.display().to_string(),
+        "-noout",
+        "-pubkey",
+    ])
+}
+
+/// The public key (PEM) of a private key file.
+pub fn key_pubkey(key: &Path) -> String {
+    openssl(&["pkey", "-in", &key.display().to_string(), "-pubout"])
+}
+
+/// Events of one kind.
+pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == kind).collect()
+}
