@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use dps_agent::clock::{self, rfc3339};
 use dps_agent::config::{self, Config};
 use dps_agent::csr::Csr;
-use dps_agent::keys::{self, KeyAlgorithm, KeyStore, KeyUri};
+use dps_agent::keys::{Backend, KeyAlgorithm, KeySettings, KeyUri, Keys};
 use dps_agent::lifecycle::Agent;
 use dps_agent::status::Status;
 use dps_agent::store::Store;
@@ -70,11 +70,18 @@ enum Command {
     CheckConfig,
     /// Make a new key pair for onboarding and print its URI.
     ///
-    /// Example: dps-agent keygen --out /etc/dps-agent/bootstrap/device.key
+    /// The private key is made inside the backend and never leaves it; send the
+    /// CSR (`dps-agent csr`) to your CA. Backend settings ([tpm], [pkcs11]) come from
+    /// the config file when it can be read.
+    ///
+    /// Example: dps-agent keygen --backend file --out /etc/dps-agent/bootstrap/device.key
     Keygen {
-        /// Where to write the key (file backend: a PEM file, mode 0600).
-        #[arg(long, value_name = "PATH")]
-        out: PathBuf,
+        /// Where the key is made: file (a PEM file, mode 0600), tpm, pkcs11.
+        #[arg(long, default_value = "file", value_parser = parse_backend)]
+        backend: Backend,
+        /// The key file to write (file, tpm), or the object label (pkcs11).
+        #[arg(long, value_name = "PATH|LABEL")]
+        out: String,
         /// Key algorithm.
         #[arg(long, default_value = "ecdsa-p384", value_parser = parse_algorithm)]
         algorithm: KeyAlgorithm,
@@ -93,6 +100,10 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
     },
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    Backend::from_name(s).ok_or_else(|| "use file, tpm or pkcs11".to_string())
 }
 
 fn parse_algorithm(s: &str) -> Result<KeyAlgorithm, String> {
@@ -130,26 +141,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keygen { out, algorithm } => {
+        Command::Keygen {
+            backend,
+            out,
+            algorithm,
+        } => {
             init_logging(cli.log_level.unwrap_or(log::LevelFilter::Warn));
-            let out = absolute(&out)?;
-            if out.exists() {
-                anyhow::bail!("{} exists; refusing to overwrite a key", out.display());
-            }
-            let dir = out.parent().context("the output path has no directory")?;
-            let name = out
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".key"))
-                .context("the output file name must end in .key")?;
-            let uri = keys::file::FileKeyStore::new(dir).generate(name, algorithm)?;
+            let location = if backend == Backend::Pkcs11 {
+                out
+            } else {
+                absolute(Path::new(&out))?.display().to_string()
+            };
+            let uri = key_backends(&cli.config).generate_at(backend, &location, algorithm)?;
             println!("{uri}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Csr { key, cn, out } => {
             init_logging(cli.log_level.unwrap_or(log::LevelFilter::Warn));
             let uri = KeyUri::parse(&key)?;
-            let key = keys::open_key(&uri)?;
+            let key = key_backends(&cli.config).open(&uri)?;
             let pem = Csr::build(key.as_ref(), &cn)?.to_pem();
             match out {
                 Some(path) => {
@@ -210,6 +220,23 @@ fn run_once(config: Config) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// The key backends, with [tpm]/[pkcs11] settings from the config when it can be
+/// read (keygen and csr also work before the config is filled in).
+fn key_backends(config: &Path) -> Keys {
+    let settings = match Config::load(config) {
+        Ok(c) => KeySettings::from_config(&c),
+        Err(e) => {
+            log::warn!("using default key backend settings: {e}");
+            KeySettings {
+                key_dir: PathBuf::from("/var/lib/dps-agent/keys"),
+                tcti: "device:/dev/tpmrm0".into(),
+                pkcs11: Default::default(),
+            }
+        }
+    };
+    Keys::new(settings)
 }
 
 fn init_logging(level: log::LevelFilter) {

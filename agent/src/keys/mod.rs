@@ -341,28 +341,109 @@ pub fn ecdsa_raw_to_der(algorithm: KeyAlgorithm, raw: &[u8]) -> Option<Vec<u8>> 
     }
 }
 
-/// Opens any key by URI, whatever its backend (bootstrap keys may live in a
-/// different backend than operational keys).
-pub fn open_key(uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
-    match uri.backend() {
-        Backend::File => file::FileKeyStore::new(Path::new("/")).open(uri),
-        other => Err(KeyError::Unsupported {
-            backend: other,
-            what: format!("opening {uri}"),
-            hint: " in this version".into(),
-        }),
+/// What the backends need from the configuration.
+#[derive(Debug, Clone)]
+pub struct KeySettings {
+    /// Where the file backend writes generated keys.
+    pub key_dir: PathBuf,
+    /// TPM access (TCTI string), e.g. `device:/dev/tpmrm0`.
+    pub tcti: String,
+    /// PKCS#11 module, token and PIN.
+    pub pkcs11: crate::config::Pkcs11Config,
+}
+
+impl KeySettings {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        KeySettings {
+            key_dir: c.state.key_dir(),
+            tcti: c.tpm.tcti.clone(),
+            pkcs11: c.pkcs11.clone(),
+        }
     }
 }
 
-/// Opens the store for a backend. `key_dir` is where generated key files go.
-pub fn open_store(backend: Backend, key_dir: &Path) -> Result<Arc<dyn KeyStore>, KeyError> {
-    match backend {
-        Backend::File => Ok(Arc::new(file::FileKeyStore::new(key_dir))),
-        other => Err(KeyError::Unsupported {
-            backend: other,
-            what: "this build".into(),
-            hint: "; set [operational] key_backend = \"file\"".into(),
-        }),
+/// The key backends of this process. Each hardware backend is opened once, on
+/// first use, and shared: the TPM has one owner thread, a PKCS#11 module one
+/// initialisation per process.
+pub struct Keys {
+    settings: KeySettings,
+    file: Arc<file::FileKeyStore>,
+}
+
+impl Keys {
+    pub fn new(settings: KeySettings) -> Keys {
+        Keys {
+            file: Arc::new(file::FileKeyStore::new(&settings.key_dir)),
+            settings,
+        }
+    }
+
+    pub fn settings(&self) -> &KeySettings {
+        &self.settings
+    }
+
+    /// The store that makes operational keys in `backend`.
+    pub fn store(&self, backend: Backend) -> Result<Arc<dyn KeyStore>, KeyError> {
+        match backend {
+            Backend::File => Ok(self.file.clone()),
+            other => Err(KeyError::Unsupported {
+                backend: other,
+                what: "making keys".into(),
+                hint: " in this version; set [operational] key_backend = \"file\"".into(),
+            }),
+        }
+    }
+
+    /// Opens any key by URI, whatever its backend (a bootstrap key may live in
+    /// a different backend than the operational keys).
+    pub fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
+        match uri.backend() {
+            Backend::File => self.file.open(uri),
+            other => Err(KeyError::Unsupported {
+                backend: other,
+                what: format!("opening {uri}"),
+                hint: " in this version".into(),
+            }),
+        }
+    }
+
+    /// Makes a key for onboarding (`dps-agent keygen`): `location` is the file
+    /// to write for the file and TPM backends, the object label for PKCS#11.
+    pub fn generate_at(
+        &self,
+        backend: Backend,
+        location: &str,
+        algorithm: KeyAlgorithm,
+    ) -> Result<KeyUri, KeyError> {
+        match backend {
+            Backend::File => {
+                let path = Path::new(location);
+                let bad = |reason: &str| KeyError::BadUri {
+                    uri: location.to_string(),
+                    reason: reason.to_string(),
+                };
+                if !path.is_absolute() {
+                    return Err(bad("give an absolute path"));
+                }
+                if path.exists() {
+                    return Err(bad("the file exists; refusing to overwrite a key"));
+                }
+                let dir = path
+                    .parent()
+                    .ok_or_else(|| bad("the path has no directory"))?;
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".key"))
+                    .ok_or_else(|| bad("the file name must end in .key"))?;
+                file::FileKeyStore::new(dir).generate(name, algorithm)
+            }
+            other => Err(KeyError::Unsupported {
+                backend: other,
+                what: "making onboarding keys".into(),
+                hint: " in this version".into(),
+            }),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use crate::clock::{rfc3339, Clock, SystemClock};
 use crate::config::{Attestation, Config};
 use crate::csr::{Csr, CsrError};
 use crate::dps::{self, DpsError, RegistrationRequest};
-use crate::keys::{self, KeyError, KeyStore, KeyUri};
+use crate::keys::{KeyError, KeySettings, KeyStore, KeyUri, Keys};
 use crate::store::{Identity, Store, StoreError};
 use crate::tls::{self, TlsError};
 
@@ -57,6 +57,7 @@ impl ProvisionError {
 pub struct Agent {
     config: Config,
     store: Store,
+    backends: Keys,
     keys: Arc<dyn KeyStore>,
     clock: Arc<dyn Clock>,
 }
@@ -65,10 +66,12 @@ impl Agent {
     /// Opens the state directory and the operational key store.
     pub fn open(config: Config) -> Result<Agent, ProvisionError> {
         let store = Store::open(&config.state.dir)?;
-        let keys = keys::open_store(config.operational.key_backend, &config.state.key_dir())?;
+        let backends = Keys::new(KeySettings::from_config(&config));
+        let keys = backends.store(config.operational.key_backend)?;
         Ok(Agent {
             config,
             store,
+            backends,
             keys,
             clock: Arc::new(SystemClock),
         })
@@ -119,7 +122,10 @@ impl Agent {
                 identity_cert,
                 identity_key,
             } => {
-                let key = keys::open_key(identity_key).map_err(BootstrapError::Key)?;
+                let key = self
+                    .backends
+                    .open(identity_key)
+                    .map_err(BootstrapError::Key)?;
                 let boot =
                     bootstrap::load(identity_cert, key, &cfg.dps.registration_id, now, skew)?;
                 tls::client_config(&cfg.dps.trust_bundle, Some(boot.identity))?

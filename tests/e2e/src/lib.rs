@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod softhsm;
+pub mod swtpm;
+
 /// The registration id the test PKI is made for.
 pub const REG_ID: &str = "gw-0001";
 pub const ID_SCOPE: &str = "0ne00000000";
