@@ -276,6 +276,14 @@ pub trait KeyStore: Send + Sync {
     /// Opens a key by URI (one this store made, or one made elsewhere).
     fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError>;
 
+    /// Marks a key made by [`KeyStore::generate`] as in use, just before the
+    /// identity that uses it is committed. Returns the key's URI from then on
+    /// (a backend may rename it, e.g. drop a "pending" label). The default keeps
+    /// the key as it is.
+    fn commit(&self, uri: &KeyUri) -> Result<KeyUri, KeyError> {
+        Ok(uri.clone())
+    }
+
     /// Deletes a key this store made. Deleting a key that is already gone is not
     /// an error.
     fn delete(&self, uri: &KeyUri) -> Result<(), KeyError>;
