@@ -10,7 +10,13 @@ pub type UnixTime = i64;
 
 /// A source of wall-clock time.
 pub trait Clock: Send + Sync {
-    fn now(&self) -> UnixTime;
+    /// Unix milliseconds.
+    fn now_ms(&self) -> i64;
+
+    /// Unix seconds.
+    fn now(&self) -> UnixTime {
+        self.now_ms().div_euclid(1000)
+    }
 }
 
 /// The system's clock.
@@ -18,16 +24,21 @@ pub trait Clock: Send + Sync {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn now(&self) -> UnixTime {
-        now()
+    fn now_ms(&self) -> i64 {
+        now_ms()
     }
 }
 
-/// The current wall-clock time.
+/// The current wall-clock time, Unix seconds.
 pub fn now() -> UnixTime {
+    now_ms().div_euclid(1000)
+}
+
+/// The current wall-clock time, Unix milliseconds.
+pub fn now_ms() -> i64 {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
     }
 }
 

@@ -3,15 +3,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokio::sync::mpsc;
 
 use dps_agent::clock::{self, rfc3339};
 use dps_agent::config::{self, Config};
 use dps_agent::csr::Csr;
 use dps_agent::keys::{Backend, KeyAlgorithm, KeySettings, KeyUri, Keys};
-use dps_agent::lifecycle::Agent;
+use dps_agent::lifecycle::daemon::{self, Command};
+use dps_agent::lifecycle::{Agent, Reason};
 use dps_agent::status::Status;
 use dps_agent::store::Store;
 
@@ -46,12 +49,17 @@ struct Cli {
     log_level: Option<log::LevelFilter>,
 
     #[command(subcommand)]
-    command: Command,
+    command: Cmd,
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Provision if needed, then keep the identity renewed.
+enum Cmd {
+    /// Provision if needed, then keep the identity renewed (the daemon).
+    ///
+    /// Renews at notAfter - min(renew_before, lifetime/3) minus a random jitter,
+    /// retries failures with backoff, and keeps the current identity until a new one
+    /// is verified and committed. SIGHUP (or `dps-agent renew`) renews now;
+    /// SIGTERM stops.
     ///
     /// With --once: provision if there is no valid stored identity, print a one-line
     /// summary and exit; a valid stored identity is used as is, without contacting DPS.
@@ -60,6 +68,12 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Ask the running daemon to renew the certificate now.
+    ///
+    /// The daemon renews with a fresh key whatever the schedule or a retry
+    /// backoff says; the current identity stays in use until the new one is
+    /// committed. (Equivalent: send SIGHUP to the daemon.)
+    Renew,
     /// Show the device identity: ids, hub, key, certificate dates.
     Status {
         /// Print JSON (fields documented in the README) instead of text.
@@ -124,13 +138,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig => {
+        Cmd::CheckConfig => {
             let c = Config::load(&cli.config)?;
             let files: Vec<String> = c.files.iter().map(|f| f.display().to_string()).collect();
             println!("{}: OK", files.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => {
+        Cmd::Status { json } => {
             let c = Config::load(&cli.config)?;
             let store = Store::open_read_only(&c.state.dir);
             let status = Status::from_store(&c.dps.registration_id, &store, clock::now());
@@ -141,7 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keygen {
+        Cmd::Keygen {
             backend,
             out,
             algorithm,
@@ -156,7 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{uri}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Csr { key, cn, out } => {
+        Cmd::Csr { key, cn, out } => {
             init_logging(cli.log_level.unwrap_or(log::LevelFilter::Warn));
             let uri = KeyUri::parse(&key)?;
             let key = key_backends(&cli.config).open(&uri)?;
@@ -171,23 +185,98 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { once } => {
+        Cmd::Run { once } => {
             let c = Config::load(&cli.config)?;
             init_logging(cli.log_level.unwrap_or(c.log.level));
-            if !once {
-                anyhow::bail!("daemon mode is not available yet; use `dps-agent run --once`");
+            if once {
+                run_once(c)
+            } else {
+                run_daemon(c)
             }
-            run_once(c)
+        }
+        Cmd::Renew => {
+            let c = Config::load(&cli.config)?;
+            let pid = daemon::running_daemon(&c.state.dir).with_context(|| {
+                format!(
+                    "no dps-agent daemon is running for {} (start it with `systemctl start dps-agent`)",
+                    c.state.dir.display()
+                )
+            })?;
+            signal_hup(pid)?;
+            println!(
+                "asked the daemon (pid {pid}) to renew now; follow it with `dps-agent status`"
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn run_once(config: Config) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
+        .context("starting the async runtime")
+}
+
+fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async {
+        let agent = Arc::new(Agent::open(config)?);
+        let pid_file = daemon::write_pid_file(agent.store().dir())
+            .context("writing the pid file in the state directory")?;
+        let (tx, rx) = mpsc::channel(8);
+        forward_signals(tx)?;
+        log::info!(
+            "dps-agent {} started (pid {})",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        );
+        daemon::run(agent, rx).await;
+        let _ = std::fs::remove_file(pid_file);
+        log::info!("dps-agent stopped");
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT stop the daemon; SIGHUP renews now.
+fn forward_signals(tx: mpsc::Sender<Command>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            let cmd = tokio::select! {
+                _ = term.recv() => Command::Stop,
+                _ = int.recv() => Command::Stop,
+                _ = hup.recv() => { log::info!("SIGHUP: renewing now"); Command::Renew }
+            };
+            if tx.send(cmd).await.is_err() || cmd == Command::Stop {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn signal_hup(pid: u32) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(pid.to_string())
+        .status()
+        .context("running kill")?;
+    anyhow::ensure!(
+        status.success(),
+        "could not signal pid {pid} (are you root?)"
+    );
+    Ok(())
+}
+
+fn run_once(config: Config) -> anyhow::Result<ExitCode> {
+    let runtime = runtime()?;
     let agent = Agent::open(config)?;
     if let Some(id) = agent.usable_identity()? {
         println!(
@@ -199,7 +288,7 @@ fn run_once(config: Config) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    match runtime.block_on(agent.provision()) {
+    match runtime.block_on(agent.attempt(Reason::NoIdentity)) {
         Ok(id) => {
             println!(
                 "{}: provisioned as device {} on {}; certificate valid until {}; chain in {}",
@@ -213,6 +302,7 @@ fn run_once(config: Config) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             eprintln!("dps-agent: error: provisioning failed: {e}");
+            log::debug!("details: {e:?}");
             Ok(if e.is_transient() {
                 ExitCode::from(EXIT_TEMPFAIL)
             } else {

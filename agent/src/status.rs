@@ -5,15 +5,18 @@
 use serde::Serialize;
 
 use crate::clock::{rfc3339, UnixTime};
+use crate::store::lifecycle::{LifecycleState, Phase};
 use crate::store::{Identity, Store};
 
 /// The agent's state as shown to people and programs. Times are Unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
-    /// `unprovisioned`, `provisioned`, `expired`, or `unknown` when the state
-    /// directory cannot be read.
+    /// `unprovisioned`, `provisioning`, `provisioned`, `renewing`, `failed`,
+    /// `expired` (the stored certificate has expired and no renewal succeeded
+    /// yet), or `unknown` when the state directory cannot be read.
     pub state: String,
-    /// Where this view came from: `daemon` or `state-dir`.
+    /// Where this view came from: `daemon` (asked over D-Bus) or `state-dir`
+    /// (read from disk because no daemon answered).
     pub source: String,
     pub registration_id: String,
     pub device_id: Option<String>,
@@ -22,19 +25,32 @@ pub struct Status {
     pub key_uri: Option<String>,
     pub not_before: Option<UnixTime>,
     pub not_after: Option<UnixTime>,
+    /// When the current certificate will be renewed.
     pub renew_at: Option<UnixTime>,
+    /// After a failure: when the next attempt is due.
+    pub next_attempt: Option<UnixTime>,
     pub thumbprint: Option<String>,
     pub subject: Option<String>,
     pub issuer: Option<String>,
     pub last_error: Option<String>,
     pub last_renewal: Option<UnixTime>,
+    /// Consecutive failed attempts.
+    pub failures: u32,
+    /// Identities committed since the state directory was made.
+    pub renewals: u64,
 }
 
 impl Status {
-    /// Reads the state directory (never writes it).
-    pub fn from_store(registration_id: &str, store: &Store, now: UnixTime) -> Status {
+    /// Builds the view from the stored identity and lifecycle record.
+    pub fn build(
+        registration_id: &str,
+        identity: Option<&Identity>,
+        record: &LifecycleState,
+        chain_path: &std::path::Path,
+        now: UnixTime,
+    ) -> Status {
         let mut s = Status {
-            state: "unprovisioned".into(),
+            state: record.phase.name().to_string(),
             source: "state-dir".into(),
             registration_id: registration_id.to_string(),
             device_id: None,
@@ -44,40 +60,62 @@ impl Status {
             not_before: None,
             not_after: None,
             renew_at: None,
+            next_attempt: record.next_attempt_ms.map(|ms| ms.div_euclid(1000)),
             thumbprint: None,
             subject: None,
             issuer: None,
-            last_error: None,
-            last_renewal: None,
+            last_error: record.last_error.clone(),
+            last_renewal: record.last_renewal,
+            failures: record.failures,
+            renewals: record.renewals,
         };
-        match store.load_identity() {
-            Ok(Some(id)) => s.apply_identity(&id, store, now),
-            Ok(None) => {}
-            Err(e) => {
-                s.state = "unknown".into();
-                s.last_error = Some(e.to_string());
+        if let Some(id) = identity {
+            if now >= id.not_after
+                && record.phase != Phase::Provisioning
+                && record.phase != Phase::Renewing
+            {
+                s.state = "expired".into();
+            } else if record.phase == Phase::Unprovisioned {
+                s.state = Phase::Provisioned.name().into();
             }
+            s.registration_id = id.registration_id.clone();
+            s.device_id = Some(id.device_id.clone());
+            s.assigned_hub = Some(id.assigned_hub.clone());
+            s.certificate_chain_path = Some(chain_path.display().to_string());
+            s.key_uri = Some(id.key_uri.redacted());
+            s.not_before = Some(id.not_before);
+            s.not_after = Some(id.not_after);
+            s.thumbprint = Some(id.thumbprint.clone());
+            s.subject = Some(id.subject.clone());
+            s.issuer = Some(id.issuer.clone());
+            s.last_renewal = record.last_renewal.or(Some(id.issued_at));
+            s.renew_at = record
+                .schedule
+                .as_ref()
+                .filter(|sch| sch.thumbprint == id.thumbprint)
+                .map(|sch| sch.renew_at_ms.div_euclid(1000));
         }
         s
     }
 
-    fn apply_identity(&mut self, id: &Identity, store: &Store, now: UnixTime) {
-        self.state = if now >= id.not_after {
-            "expired".into()
-        } else {
-            "provisioned".into()
-        };
-        self.registration_id = id.registration_id.clone();
-        self.device_id = Some(id.device_id.clone());
-        self.assigned_hub = Some(id.assigned_hub.clone());
-        self.certificate_chain_path = Some(store.chain_path().display().to_string());
-        self.key_uri = Some(id.key_uri.redacted());
-        self.not_before = Some(id.not_before);
-        self.not_after = Some(id.not_after);
-        self.thumbprint = Some(id.thumbprint.clone());
-        self.subject = Some(id.subject.clone());
-        self.issuer = Some(id.issuer.clone());
-        self.last_renewal = Some(id.issued_at);
+    /// Reads the state directory (never writes it).
+    pub fn from_store(registration_id: &str, store: &Store, now: UnixTime) -> Status {
+        let record = LifecycleState::load(store.dir()).unwrap_or_default();
+        match store.load_identity() {
+            Ok(id) => Status::build(
+                registration_id,
+                id.as_ref(),
+                &record,
+                &store.chain_path(),
+                now,
+            ),
+            Err(e) => {
+                let mut s = Status::build(registration_id, None, &record, &store.chain_path(), now);
+                s.state = "unknown".into();
+                s.last_error = Some(e.to_string());
+                s
+            }
+        }
     }
 
     /// A few aligned lines for people.

@@ -1,9 +1,21 @@
 //! The agent's lifecycle: getting an operational identity and keeping it. Owns
-//! the provisioning flow (fresh key → CSR → DPS → chain checks → atomic commit →
-//! old key deleted) and decides what to do with every error the layers below
-//! return; nothing below calls back up here.
+//! the state machine (`Unprovisioned → Provisioning → Provisioned → Renewing →
+//! Provisioned`, plus `Failed` with a retry time), the rotation flow (pending
+//! key → CSR → DPS → chain checks → commit → old key deleted), crash recovery,
+//! and every decision about errors the layers below return.
+//!
+//! Crash safety rests on one rule: `identity.json` is the commit point, and a
+//! key is deleted only when the committed identity does not use it. A restart
+//! after a crash at any instant therefore keeps the committed identity and
+//! removes whatever an interrupted renewal left behind.
 
-use std::sync::Arc;
+pub mod daemon;
+pub mod schedule;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::bootstrap::{self, BootstrapError};
 use crate::chain::{self, ChainError, Expectations};
@@ -12,8 +24,11 @@ use crate::config::{Attestation, Config};
 use crate::csr::{Csr, CsrError};
 use crate::dps::{self, DpsError, RegistrationRequest};
 use crate::keys::{KeyError, KeySettings, KeyStore, KeyUri, Keys};
+use crate::status::Status;
+use crate::store::lifecycle::{LifecycleState, Pending, Phase, StateError};
 use crate::store::{Identity, Store, StoreError};
 use crate::tls::{self, TlsError};
+use schedule::{Due, FailureKind, Policy};
 
 /// Names of operational keys start with this; nothing else is ever deleted.
 const OPERATIONAL_KEY_PREFIX: &str = "op-";
@@ -26,7 +41,7 @@ fn is_operational_key(uri: &KeyUri) -> bool {
         || s.contains(&format!("object={OPERATIONAL_KEY_PREFIX}"))
 }
 
-/// Why provisioning failed. The previous identity (if any) is untouched in
+/// Why an attempt failed. The committed identity (if any) is untouched in
 /// every case.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -44,37 +59,116 @@ pub enum ProvisionError {
     Chain(#[from] ChainError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("stopped before the attempt finished")]
+    Interrupted,
 }
 
 impl ProvisionError {
     /// Whether retrying later, unchanged, may work.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ProvisionError::Dps(e) if e.is_transient())
+        match self {
+            ProvisionError::Dps(e) => e.is_transient(),
+            ProvisionError::Interrupted => true,
+            _ => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProvisionError::Dps(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+
+    fn failure_kind(&self) -> FailureKind {
+        if self.is_transient() {
+            FailureKind::Transient
+        } else {
+            FailureKind::Fatal
+        }
     }
 }
 
-/// The agent: configuration, state directory, key store and clock.
+/// What the daemon should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Provision or renew now.
+    Attempt(Reason),
+    /// Nothing until this time (Unix milliseconds).
+    WaitUntil(i64),
+}
+
+/// Why an attempt is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    NoIdentity,
+    Due(Due),
+    Retry,
+    Requested,
+}
+
+impl Reason {
+    fn describe(self) -> &'static str {
+        match self {
+            Reason::NoIdentity => "no usable identity",
+            Reason::Due(Due::Scheduled) => "renewal time reached",
+            Reason::Due(Due::Expired) => "the certificate has expired",
+            Reason::Due(Due::NotYetValid) => {
+                "the certificate is not yet valid (clock or certificate problem)"
+            }
+            Reason::Retry => "retrying after a failure",
+            Reason::Requested => "renewal requested",
+        }
+    }
+}
+
+/// The agent: configuration, state directory, key stores, clock and the
+/// persisted lifecycle record. Shared between the daemon loop and the bus.
 pub struct Agent {
     config: Config,
     store: Store,
     backends: Keys,
     keys: Arc<dyn KeyStore>,
     clock: Arc<dyn Clock>,
+    policy: Policy,
+    record: Mutex<LifecycleState>,
+    status: watch::Sender<Status>,
 }
 
 impl Agent {
-    /// Opens the state directory and the operational key store.
+    /// Opens the state directory and the operational key store, and resolves
+    /// what a crash may have left half done.
     pub fn open(config: Config) -> Result<Agent, ProvisionError> {
+        Agent::open_with_clock(config, Arc::new(SystemClock))
+    }
+
+    pub fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Agent, ProvisionError> {
         let store = Store::open(&config.state.dir)?;
         let backends = Keys::new(KeySettings::from_config(&config));
         let keys = backends.store(config.operational.key_backend)?;
-        Ok(Agent {
+        let record = LifecycleState::load(store.dir())?;
+        let policy = Policy::from_config(&config.operational);
+        let (status, _) = watch::channel(Status::build(
+            &config.dps.registration_id,
+            None,
+            &record,
+            &store.chain_path(),
+            clock.now(),
+        ));
+        let agent = Agent {
             config,
             store,
             backends,
             keys,
-            clock: Arc::new(SystemClock),
-        })
+            clock,
+            policy,
+            record: Mutex::new(record),
+            status,
+        };
+        agent.recover()?;
+        Ok(agent)
     }
 
     pub fn config(&self) -> &Config {
@@ -83,6 +177,77 @@ impl Agent {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The current status; `subscribe()` on the returned channel to follow it.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    fn record(&self) -> std::sync::MutexGuard<'_, LifecycleState> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `f` to the record, saves it and publishes the new status.
+    fn update(&self, f: impl FnOnce(&mut LifecycleState)) -> Result<(), StateError> {
+        let mut r = self.record();
+        f(&mut r);
+        r.save(self.store.dir())?;
+        let snapshot = r.clone();
+        drop(r);
+        self.publish(&snapshot);
+        Ok(())
+    }
+
+    fn publish(&self, record: &LifecycleState) {
+        let identity = self.store.load_identity().ok().flatten();
+        let mut status = Status::build(
+            &self.config.dps.registration_id,
+            identity.as_ref(),
+            record,
+            &self.store.chain_path(),
+            self.clock.now(),
+        );
+        status.source = "daemon".into();
+        self.status.send_replace(status);
+    }
+
+    /// Resolves a renewal a crash interrupted: the committed identity wins,
+    /// and every operational key it does not use is deleted (the pending key
+    /// of a rolled-back renewal, or the old key of a committed one).
+    fn recover(&self) -> Result<(), ProvisionError> {
+        let identity = self.store.load_identity()?;
+        let pending = self.record().pending.clone();
+        if let Some(p) = &pending {
+            let committed = identity
+                .as_ref()
+                .is_some_and(|id| Some(&id.key_uri) == p.uri.as_ref());
+            log::warn!(
+                "a renewal started at {} was interrupted; {}",
+                rfc3339(p.started_at),
+                if committed {
+                    "its identity was committed: finishing it"
+                } else {
+                    "it never committed: rolling it back"
+                }
+            );
+        }
+        self.delete_unused_keys(identity.as_ref().map(|id| &id.key_uri));
+        let has_identity = identity.is_some();
+        self.update(|r| {
+            r.pending = None;
+            if matches!(
+                r.phase,
+                Phase::Renewing | Phase::Provisioning | Phase::Unprovisioned
+            ) {
+                r.phase = if has_identity {
+                    Phase::Provisioned
+                } else {
+                    Phase::Unprovisioned
+                };
+            }
+        })?;
+        Ok(())
     }
 
     /// The stored identity if it can be used now: it exists, belongs to the
@@ -110,14 +275,166 @@ impl Agent {
         Ok(Some(id))
     }
 
-    /// Provisions through DPS with a fresh operational key and commits the new
-    /// identity. On any failure the new key is deleted and the stored identity
-    /// stays as it was.
-    pub async fn provision(&self) -> Result<Identity, ProvisionError> {
+    /// Decides what to do now. Persists a renewal schedule for a certificate
+    /// that has none yet (the jitter is drawn once per certificate).
+    pub fn next_step(&self) -> Result<NextStep, ProvisionError> {
+        let now_ms = self.clock.now_ms();
+        let retry_at = self.record().next_attempt_ms.filter(|&t| t > now_ms);
+        let identity = match self.store.load_identity()? {
+            Some(id) if id.registration_id == self.config.dps.registration_id => id,
+            _ => {
+                return Ok(match retry_at {
+                    Some(t) => NextStep::WaitUntil(t),
+                    None => NextStep::Attempt(Reason::NoIdentity),
+                })
+            }
+        };
+        let renew_at = self.ensure_schedule(&identity)?;
+        if let Some(t) = retry_at {
+            return Ok(NextStep::WaitUntil(t));
+        }
+        if self.record().failures > 0 && self.record().next_attempt_ms.is_some() {
+            return Ok(NextStep::Attempt(Reason::Retry));
+        }
+        Ok(
+            match schedule::due(
+                now_ms,
+                identity.not_before,
+                identity.not_after,
+                renew_at,
+                &self.policy,
+            ) {
+                Some(why) => NextStep::Attempt(Reason::Due(why)),
+                None => NextStep::WaitUntil(renew_at),
+            },
+        )
+    }
+
+    /// The renewal time of `identity`, drawing and saving it the first time.
+    fn ensure_schedule(&self, identity: &Identity) -> Result<i64, StateError> {
+        if let Some(s) = self.record().schedule.as_ref() {
+            if s.thumbprint == identity.thumbprint {
+                return Ok(s.renew_at_ms);
+            }
+        }
+        let s = schedule::schedule(
+            &identity.thumbprint,
+            identity.not_before,
+            identity.not_after,
+            &self.policy,
+            schedule::random_jitter,
+        );
+        let at = s.renew_at_ms;
+        self.update(|r| r.schedule = Some(s))?;
+        Ok(at)
+    }
+
+    /// One provisioning or renewal attempt. On success the new identity is
+    /// committed and returned; on failure the failure is recorded (with the
+    /// time of the next attempt) and the committed identity stays in use.
+    pub async fn attempt(&self, reason: Reason) -> Result<Identity, ProvisionError> {
+        let current = self.usable_identity().unwrap_or_else(|e| {
+            log::warn!("cannot read the stored identity: {e}");
+            None
+        });
+        let phase = if current.is_some() {
+            Phase::Renewing
+        } else {
+            Phase::Provisioning
+        };
+        log::info!(
+            "{} ({}): {}",
+            if phase == Phase::Renewing {
+                "renewing"
+            } else {
+                "provisioning"
+            },
+            reason.describe(),
+            match &current {
+                Some(id) => format!(
+                    "the current certificate is valid until {}",
+                    rfc3339(id.not_after)
+                ),
+                None => "no identity is in use".into(),
+            }
+        );
+        self.update(|r| r.phase = phase)?;
+        match self.rotate(current.as_ref()).await {
+            Ok(identity) => Ok(identity),
+            Err(e) => {
+                self.record_failure(&e, current.is_some());
+                Err(e)
+            }
+        }
+    }
+
+    fn record_failure(&self, e: &ProvisionError, has_identity: bool) {
+        let now_ms = self.clock.now_ms();
+        let failures = self.record().failures.saturating_add(1);
+        let delay = schedule::retry_delay(
+            failures,
+            e.failure_kind(),
+            e.retry_after(),
+            &self.policy,
+            schedule::random_between,
+        );
+        let next = now_ms + delay.as_millis() as i64;
+        log::error!(
+            "{} failed: {e}; {}; next attempt at {} (in {}s)",
+            if has_identity {
+                "renewal"
+            } else {
+                "provisioning"
+            },
+            if has_identity {
+                "the current identity stays in use"
+            } else {
+                "the device has no identity yet"
+            },
+            rfc3339(next.div_euclid(1000)),
+            delay.as_secs()
+        );
+        let message = e.to_string();
+        if let Err(se) = self.update(|r| {
+            r.phase = Phase::Failed;
+            r.failures = failures;
+            r.last_error = Some(message);
+            r.next_attempt_ms = Some(next);
+            r.pending = None;
+        }) {
+            log::error!("cannot record the failure: {se}");
+        }
+    }
+
+    /// The rotation flow: a key (fresh unless `rotate_key = false`), a CSR,
+    /// DPS, the chain checks, then the commit. Any failure before the commit
+    /// deletes the new key and leaves the committed identity as it was.
+    async fn rotate(&self, current: Option<&Identity>) -> Result<Identity, ProvisionError> {
         let cfg = &self.config;
-        let now = self.clock.now();
-        let skew = cfg.operational.max_clock_skew.as_secs();
-        let tls_config = match &cfg.dps.attestation {
+        let tls_config = self.bootstrap_tls()?;
+        let reuse = match current {
+            Some(id) if !cfg.operational.rotate_key => Some(id.key_uri.clone()),
+            _ => None,
+        };
+        let key_uri = match reuse {
+            Some(uri) => uri,
+            None => self.generate_pending_key().await?,
+        };
+        let result = self
+            .register_and_commit(&key_uri, tls_config, current)
+            .await;
+        if result.is_err() && Some(&key_uri) != current.map(|c| &c.key_uri) {
+            if let Err(de) = self.keys.delete(&key_uri) {
+                log::warn!("could not delete the unused key {key_uri}: {de}");
+            }
+        }
+        result
+    }
+
+    /// The TLS configuration that presents the bootstrap credential.
+    fn bootstrap_tls(&self) -> Result<Arc<rustls::ClientConfig>, ProvisionError> {
+        let cfg = &self.config;
+        match &cfg.dps.attestation {
             Attestation::X509 {
                 identity_cert,
                 identity_key,
@@ -126,40 +443,59 @@ impl Agent {
                     .backends
                     .open(identity_key)
                     .map_err(BootstrapError::Key)?;
-                let boot =
-                    bootstrap::load(identity_cert, key, &cfg.dps.registration_id, now, skew)?;
-                tls::client_config(&cfg.dps.trust_bundle, Some(boot.identity))?
+                let boot = bootstrap::load(
+                    identity_cert,
+                    key,
+                    &cfg.dps.registration_id,
+                    self.clock.now(),
+                    cfg.operational.max_clock_skew.as_secs(),
+                )?;
+                Ok(tls::client_config(
+                    &cfg.dps.trust_bundle,
+                    Some(boot.identity),
+                )?)
             }
-        };
+        }
+    }
 
+    /// Records the intent, then makes the key (so a crash leaves a trace).
+    async fn generate_pending_key(&self) -> Result<KeyUri, ProvisionError> {
+        let now = self.clock.now();
         let name = format!(
             "{OPERATIONAL_KEY_PREFIX}{}-{:04x}",
             rfc3339(now).replace([':', '-'], ""),
             rand::random::<u16>()
         );
-        let key_uri = self.keys.generate(&name, cfg.operational.key_algorithm)?;
-        log::info!(
-            "made operational key {key_uri} ({})",
-            cfg.operational.key_algorithm
-        );
-        match self.provision_with_key(&key_uri, tls_config).await {
-            Ok(identity) => {
-                self.delete_unused_keys(&identity.key_uri);
-                Ok(identity)
+        self.update(|r| {
+            r.pending = Some(Pending {
+                name: name.clone(),
+                uri: None,
+                started_at: now,
+            })
+        })?;
+        let keys = self.keys.clone();
+        let algorithm = self.config.operational.key_algorithm;
+        let n = name.clone();
+        let uri = tokio::task::spawn_blocking(move || keys.generate(&n, algorithm))
+            .await
+            .map_err(|e| KeyError::Sign {
+                uri: name.clone(),
+                reason: format!("key generation did not finish: {e}"),
+            })??;
+        self.update(|r| {
+            if let Some(p) = r.pending.as_mut() {
+                p.uri = Some(uri.clone());
             }
-            Err(e) => {
-                if let Err(de) = self.keys.delete(&key_uri) {
-                    log::warn!("could not delete the unused key {key_uri}: {de}");
-                }
-                Err(e)
-            }
-        }
+        })?;
+        log::info!("made operational key {uri} ({algorithm})");
+        Ok(uri)
     }
 
-    async fn provision_with_key(
+    async fn register_and_commit(
         &self,
         key_uri: &KeyUri,
         tls_config: Arc<rustls::ClientConfig>,
+        current: Option<&Identity>,
     ) -> Result<Identity, ProvisionError> {
         let cfg = &self.config;
         let key = self.keys.open(key_uri)?;
@@ -196,12 +532,27 @@ impl Agent {
                 verified.ignored
             );
         }
+        if let Some(old) = current {
+            if old.assigned_hub != assignment.assigned_hub || old.device_id != assignment.device_id
+            {
+                log::warn!(
+                    "DPS moved the device: {} on {} is now {} on {}",
+                    old.device_id,
+                    old.assigned_hub,
+                    assignment.device_id,
+                    assignment.assigned_hub
+                );
+            }
+        }
+
+        // The commit: nothing below awaits, so a stop request cannot split it.
+        let final_uri = self.keys.commit(key_uri)?;
         let identity = Identity {
             version: Identity::VERSION,
             registration_id: cfg.dps.registration_id.clone(),
             device_id: assignment.device_id,
             assigned_hub: assignment.assigned_hub,
-            key_uri: key_uri.clone(),
+            key_uri: final_uri,
             not_before: verified.not_before,
             not_after: verified.not_after,
             issued_at: now,
@@ -211,32 +562,92 @@ impl Agent {
             chain_pem: verified.to_pem(),
         };
         self.store.commit_identity(&identity)?;
+        let schedule = schedule::schedule(
+            &identity.thumbprint,
+            identity.not_before,
+            identity.not_after,
+            &self.policy,
+            schedule::random_jitter,
+        );
+        let renew_at = schedule.renew_at_ms;
+        self.update(|r| {
+            r.phase = Phase::Provisioned;
+            r.pending = None;
+            r.failures = 0;
+            r.last_error = None;
+            r.next_attempt_ms = None;
+            r.last_renewal = Some(now);
+            r.renewals += 1;
+            r.schedule = Some(schedule);
+        })?;
         log::info!(
-            "provisioned: device {} on hub {}, certificate {} valid until {}",
+            "{}: device {} on hub {}, certificate {} valid until {}; next renewal at {}",
+            if current.is_some() {
+                "renewed"
+            } else {
+                "provisioned"
+            },
             identity.device_id,
             identity.assigned_hub,
             identity.thumbprint,
-            rfc3339(identity.not_after)
+            rfc3339(identity.not_after),
+            rfc3339(renew_at.div_euclid(1000))
         );
+        self.delete_unused_keys(Some(&identity.key_uri));
         Ok(identity)
     }
 
-    /// Deletes operational keys this agent made that the identity does not use
-    /// (left over from earlier identities or interrupted attempts).
-    fn delete_unused_keys(&self, keep: &KeyUri) {
+    /// Deletes operational keys this agent made that `keep` is not (left over
+    /// from earlier identities or interrupted attempts). With no identity, all
+    /// of them go.
+    fn delete_unused_keys(&self, keep: Option<&KeyUri>) {
         match self.keys.list() {
             Ok(all) => {
                 for uri in all
                     .into_iter()
-                    .filter(|u| u != keep && is_operational_key(u))
+                    .filter(|u| Some(u) != keep && is_operational_key(u))
                 {
                     match self.keys.delete(&uri) {
-                        Ok(()) => log::info!("deleted old key {uri}"),
-                        Err(e) => log::warn!("could not delete old key {uri}: {e}"),
+                        Ok(()) => log::info!("deleted unused key {uri}"),
+                        Err(e) => log::warn!("could not delete unused key {uri}: {e}"),
                     }
                 }
             }
             Err(e) => log::warn!("could not list operational keys: {e}"),
         }
+    }
+
+    /// Forgets the failure record so the next step is an immediate attempt
+    /// (a renewal requested by an admin).
+    pub fn clear_backoff(&self) {
+        if let Err(e) = self.update(|r| r.next_attempt_ms = None) {
+            log::warn!("cannot update the lifecycle record: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_operational_keys_are_deletable() {
+        let k = |s: &str| KeyUri::parse(s).unwrap();
+        assert!(is_operational_key(&k(
+            "file:/var/lib/dps-agent/keys/op-20261123T0000Z-ab12.key"
+        )));
+        assert!(is_operational_key(&k(
+            "tpm:/var/lib/dps-agent/keys/op-1.tss2.pem"
+        )));
+        assert!(is_operational_key(&k(
+            "pkcs11:token=t;object=op-1.pending;type=private"
+        )));
+        assert!(!is_operational_key(&k(
+            "file:/etc/dps-agent/bootstrap/device.key"
+        )));
+        assert!(!is_operational_key(&k(
+            "pkcs11:token=t;object=device;type=private"
+        )));
+        assert!(!is_operational_key(&k("tpm:handle=0x81000101")));
     }
 }

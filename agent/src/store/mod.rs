@@ -3,6 +3,9 @@
 //! is replaced atomically. `operational-chain.pem` is an export of the same chain
 //! for local apps, rewritten from `identity.json` whenever the two differ.
 //! The previous identity is kept as `identity.prev.json` until a new one replaces it.
+//! `lifecycle.json` (see [`lifecycle`]) holds the renewal schedule and failure record.
+
+pub mod lifecycle;
 
 use std::fs;
 use std::io;
