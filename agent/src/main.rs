@@ -223,10 +223,11 @@ fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
     let runtime = runtime()?;
     let result = runtime.block_on(async {
         let agent = Arc::new(Agent::open(config)?);
-        let pid_file = daemon::write_pid_file(agent.store().dir())
-            .context("writing the pid file in the state directory")?;
+        // Signal handlers first: a SIGHUP must never find the default action.
         let (tx, rx) = mpsc::channel(8);
         forward_signals(tx)?;
+        let pid_file = daemon::write_pid_file(agent.store().dir())
+            .context("writing the pid file in the state directory")?;
         log::info!(
             "dps-agent {} started (pid {})",
             env!("CARGO_PKG_VERSION"),

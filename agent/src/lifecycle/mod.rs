@@ -569,7 +569,7 @@ impl Agent {
             &self.policy,
             schedule::random_jitter,
         );
-        let renew_at = schedule.renew_at_ms;
+        let (renew_at, jitter_ms) = (schedule.renew_at_ms, schedule.jitter_ms);
         self.update(|r| {
             r.phase = Phase::Provisioned;
             r.pending = None;
@@ -581,7 +581,7 @@ impl Agent {
             r.schedule = Some(schedule);
         })?;
         log::info!(
-            "{}: device {} on hub {}, certificate {} valid until {}; next renewal at {}",
+            "{}: device {} on hub {}, certificate {} valid until {}; next renewal at {} (jitter {} ms)",
             if current.is_some() {
                 "renewed"
             } else {
@@ -591,7 +591,8 @@ impl Agent {
             identity.assigned_hub,
             identity.thumbprint,
             rfc3339(identity.not_after),
-            rfc3339(renew_at.div_euclid(1000))
+            rfc3339(renew_at.div_euclid(1000)),
+            jitter_ms
         );
         self.delete_unused_keys(Some(&identity.key_uri));
         Ok(identity)
