@@ -14,7 +14,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::faults::{Fault, FaultSet};
-use crate::issue::{self, CertIssuer, Issued, LeafRequest, ValidCsr};
+use crate::issue::{self, CertIssuer, ChainKind, IssueError, Issued, LeafRequest, ValidCsr};
 use crate::pki;
 
 /// errorCode for an unusable request body.
@@ -29,6 +29,16 @@ pub const ERR_THROTTLED: u32 = 429_001;
 pub const ERR_SERVER: u32 = 500_001;
 /// errorCode inside the `status-failed` registrationState.
 pub const ERR_ALLOCATION_FAILED: u32 = 400_207;
+/// errorCode and message of the `csr-reject` fault (what DPS might say about a CSR it dislikes).
+pub const ERR_CSR_REJECTED: u32 = issue::ERR_CSR_ENCODING;
+pub const CSR_REJECTED_MESSAGE: &str = "The certificate signing request is not valid";
+
+/// `retry-after` of the `retry-after-large` fault (two hours).
+pub const RETRY_AFTER_LARGE: u64 = 7200;
+/// Lifetime of a leaf issued under `short-lived`.
+pub const SHORT_LIVED: time::Duration = time::Duration::seconds(30);
+/// Size of the text field `oversize-response` adds to the final answer (beyond DPS's 96 KB).
+pub const OVERSIZE_PADDING: usize = 200 * 1024;
 
 /// First api-version that knows `csr` / `issuedCertificateChain`.
 pub const CSR_API_VERSION: &str = "2025-07-01-preview";
@@ -65,8 +75,10 @@ pub struct Outcome {
     pub error_code: Option<u32>,
     /// The certificate issued while producing this answer (only on the first final answer).
     pub issued: Option<Issued>,
-    /// The fault that shaped this answer, if any.
-    pub fault: Option<Fault>,
+    /// The faults that shaped this answer (and its certificate), in [`Fault::ALL`] order.
+    pub faults: Vec<Fault>,
+    /// Send nothing and close the connection (`drop-after-register`).
+    pub drop_connection: bool,
 }
 
 impl Outcome {
@@ -85,12 +97,29 @@ impl Outcome {
             registration_status: None,
             error_code: Some(code),
             issued: None,
-            fault: None,
+            faults: Vec::new(),
+            drop_connection: false,
+        }
+    }
+
+    /// No answer at all: the transport closes the connection.
+    fn dropped(fault: Fault) -> Self {
+        Outcome {
+            status: 0,
+            retry_after: None,
+            body: Vec::new(),
+            operation_id: None,
+            registration_status: None,
+            error_code: None,
+            issued: None,
+            faults: vec![fault],
+            drop_connection: true,
         }
     }
 
     fn with_fault(mut self, fault: Fault) -> Self {
-        self.fault = Some(fault);
+        self.faults.push(fault);
+        self.faults.sort();
         self
     }
 
@@ -120,6 +149,7 @@ struct State {
     registrations: HashMap<String, OffsetDateTime>,
     throttled_registers: HashSet<String>,
     failed_registers: HashSet<String>,
+    dropped_registers: HashSet<String>,
 }
 
 /// The simulated service.
@@ -153,9 +183,27 @@ impl Dps {
     }
 
     /// `PUT iotdps-register`: checks the body and the CSR, starts an operation, answers 202.
+    /// Faults are tried in this order: `retry-after-large` (every register),
+    /// `drop-after-register`, `throttle`, `server-error` (each once per registration id), then
+    /// `csr-reject` (every register that carries a CSR).
     pub fn register(&self, ctx: RequestContext<'_>, body: &[u8], faults: &FaultSet) -> Outcome {
         let mut state = self.state();
         let reg_id = ctx.registration_id;
+
+        if faults.contains(Fault::RetryAfterLarge) {
+            return Outcome::error(
+                429,
+                ERR_THROTTLED,
+                "Operations are being throttled for this registration (simulated, retry in 2 hours)",
+                Some(RETRY_AFTER_LARGE),
+            )
+            .with_fault(Fault::RetryAfterLarge);
+        }
+        if faults.contains(Fault::DropAfterRegister)
+            && state.dropped_registers.insert(reg_id.to_string())
+        {
+            return Outcome::dropped(Fault::DropAfterRegister);
+        }
 
         if faults.contains(Fault::Throttle) && state.throttled_registers.insert(reg_id.to_string())
         {
@@ -177,6 +225,10 @@ impl Dps {
             Ok(r) => r,
             Err(message) => return Outcome::error(400, ERR_BAD_REQUEST, message, None),
         };
+        if faults.contains(Fault::CsrReject) && request.csr.is_some() {
+            return Outcome::error(400, ERR_CSR_REJECTED, CSR_REJECTED_MESSAGE, None)
+                .with_fault(Fault::CsrReject);
+        }
         let csr = match &request.csr {
             None => None,
             Some(csr_b64) => {
@@ -273,7 +325,7 @@ impl Dps {
         if op.polls <= needed {
             let mut out = self.assigning(operation_id);
             if faults.contains(Fault::SlowAssign) && self.config.polls_before_assign < 3 {
-                out.fault = Some(Fault::SlowAssign);
+                out = out.with_fault(Fault::SlowAssign);
             }
             return out;
         }
@@ -293,8 +345,61 @@ impl Dps {
             registration_status: Some("assigning".into()),
             error_code: None,
             issued: None,
-            fault: None,
+            faults: Vec::new(),
+            drop_connection: false,
         }
+    }
+
+    /// Issues a leaf for `csr` with the issuance faults applied: `wrong-key-cert`,
+    /// `foreign-chain` (wins over `bad-chain`), `bad-chain`, `truncated-chain`, and for the
+    /// validity period `expired-cert`, else `not-yet-valid-cert`, else `short-lived`, else
+    /// `--cert-validity`. Returns the faults that were applied. Also used by the hub's
+    /// certificate API, which issues from the same CA.
+    pub fn issue_leaf(
+        &self,
+        registration_id: &str,
+        csr: &ValidCsr,
+        faults: &FaultSet,
+    ) -> Result<(Issued, Vec<Fault>), IssueError> {
+        let mut applied = Vec::new();
+        let mut on = |fault: Fault| {
+            let active = faults.contains(fault);
+            if active {
+                applied.push(fault);
+            }
+            active
+        };
+        let now = pki::now_seconds();
+        let (not_before, not_after) = if on(Fault::ExpiredCert) {
+            (now - time::Duration::days(2), now - time::Duration::days(1))
+        } else if on(Fault::NotYetValidCert) {
+            (
+                now + time::Duration::days(1),
+                now + time::Duration::days(30),
+            )
+        } else if on(Fault::ShortLived) {
+            (now, now + SHORT_LIVED)
+        } else {
+            let validity = time::Duration::try_from(self.config.cert_validity)
+                .unwrap_or(time::Duration::days(30));
+            (now, now + validity)
+        };
+        let chain = if on(Fault::ForeignChain) {
+            ChainKind::Foreign
+        } else if on(Fault::BadChain) {
+            ChainKind::Unrelated
+        } else {
+            ChainKind::Real
+        };
+        let request = LeafRequest {
+            wrong_key: on(Fault::WrongKeyCert),
+            leaf_only: on(Fault::TruncatedChain),
+            chain,
+            ..LeafRequest::new(registration_id, &csr.spki_der, not_before, not_after)
+        };
+        let issued = self.issuer.issue(&request)?;
+        applied.sort();
+        Ok((issued, applied))
     }
 
     /// The final 200 (`assigned`, or `failed` / `disabled` under a fault).
@@ -304,12 +409,15 @@ impl Dps {
         state.insert("registrationId".into(), json!(op.registration_id));
         state.insert("createdDateTimeUtc".into(), json!(rfc3339(op.created)));
 
-        let (status, fault) = if faults.contains(Fault::StatusFailed) {
-            ("failed", Some(Fault::StatusFailed))
+        let mut applied = Vec::new();
+        let status = if faults.contains(Fault::StatusFailed) {
+            applied.push(Fault::StatusFailed);
+            "failed"
         } else if faults.contains(Fault::StatusDisabled) {
-            ("disabled", Some(Fault::StatusDisabled))
+            applied.push(Fault::StatusDisabled);
+            "disabled"
         } else {
-            ("assigned", None)
+            "assigned"
         };
 
         let mut issued = None;
@@ -327,17 +435,11 @@ impl Dps {
             }
             _ => {
                 if let Some(csr) = &op.csr {
-                    let not_before = pki::now_seconds();
-                    let validity = time::Duration::try_from(self.config.cert_validity)
-                        .unwrap_or(time::Duration::days(30));
-                    let request = LeafRequest {
-                        registration_id: &op.registration_id,
-                        spki_der: &csr.spki_der,
-                        not_before,
-                        not_after: not_before + validity,
-                    };
-                    match self.issuer.issue(&request) {
-                        Ok(cert) => issued = Some(cert),
+                    match self.issue_leaf(&op.registration_id, csr, faults) {
+                        Ok((cert, issue_faults)) => {
+                            issued = Some(cert);
+                            applied.extend(issue_faults);
+                        }
                         Err(e) => {
                             return Outcome::error(
                                 500,
@@ -367,20 +469,26 @@ impl Dps {
             }
         }
 
-        let body = json!({
+        let mut body = json!({
             "operationId": operation_id,
             "status": status,
             "registrationState": Value::Object(state),
-        })
-        .to_string();
-        let (body, fault) = if faults.contains(Fault::MalformedJson) {
-            (
-                truncate_in_registration_state(&body),
-                Some(Fault::MalformedJson),
-            )
-        } else {
-            (body, fault)
-        };
+        });
+        if faults.contains(Fault::OversizeResponse) {
+            applied.push(Fault::OversizeResponse);
+            if let Value::Object(map) = &mut body {
+                map.insert(
+                    "simulatorPadding".into(),
+                    json!("x".repeat(OVERSIZE_PADDING)),
+                );
+            }
+        }
+        let mut body = body.to_string();
+        if faults.contains(Fault::MalformedJson) {
+            applied.push(Fault::MalformedJson);
+            body = truncate_in_registration_state(&body);
+        }
+        applied.sort();
         Outcome {
             status: 200,
             retry_after: None,
@@ -389,7 +497,8 @@ impl Dps {
             registration_status: Some(status.to_string()),
             error_code: None,
             issued,
-            fault,
+            faults: applied,
+            drop_connection: false,
         }
     }
 }
@@ -505,7 +614,10 @@ fn etag() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P384_SHA384};
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, KeyPair, PublicKeyData,
+        PKCS_ECDSA_P384_SHA384,
+    };
 
     const REG: &str = "gw-0001";
 
@@ -735,7 +847,256 @@ mod tests {
         assert!(serde_json::from_slice::<Value>(&p.body).is_err());
         let text = String::from_utf8(p.body).unwrap();
         assert!(text.contains("\"registrationState\":{"), "{text}");
-        assert_eq!(p.fault, Some(Fault::MalformedJson));
+        assert_eq!(p.faults, vec![Fault::MalformedJson]);
+    }
+
+    fn csr_and_key(cn: &str) -> (KeyPair, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        let csr = STANDARD.encode(p.serialize_request(&key).unwrap().der());
+        (key, csr)
+    }
+
+    /// Registers with a fresh CSR and polls to the final answer with `faults` on. Returns the
+    /// PKI dir, the CSR key, the final answer and the chain it carries (DER).
+    fn final_under(faults: &[Fault]) -> (tempfile::TempDir, KeyPair, Outcome, Vec<Vec<u8>>) {
+        let (dir, dps) = service(0);
+        let f = FaultSet::new(faults.iter().copied());
+        let (key, csr) = csr_and_key(REG);
+        let body = json!({"csr": csr}).to_string();
+        let r = dps.register(ctx(), body.as_bytes(), &f);
+        assert_eq!(r.status, 202);
+        let p = dps.poll(ctx(), r.operation_id.as_deref(), &f);
+        assert_eq!(p.status, 200);
+        let b = json_body(&p);
+        let chain = b["registrationState"]["issuedCertificateChain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| STANDARD.decode(c.as_str().unwrap()).unwrap())
+            .collect();
+        (dir, key, p, chain)
+    }
+
+    fn parse(der: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
+        x509_parser::parse_x509_certificate(der).unwrap().1
+    }
+
+    fn real(dir: &tempfile::TempDir, stem: &str) -> Vec<u8> {
+        pki::load_cert(&pki::cert_file(dir.path(), stem))
+            .unwrap()
+            .to_vec()
+    }
+
+    /// Whether `chain` (leaf first) verifies for client auth up to `root` (webpki, now).
+    fn verifies_to(chain: &[Vec<u8>], root: &[u8]) -> bool {
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(root.to_vec())).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let certs: Vec<CertificateDer<'static>> = chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        verifier
+            .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn no_fault_chain_verifies_to_the_issuing_root() {
+        let (dir, key, p, chain) = final_under(&[]);
+        assert!(p.faults.is_empty());
+        assert!(verifies_to(&chain, &real(&dir, pki::ISSUING_ROOT)));
+        assert_eq!(
+            parse(&chain[0]).public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+    }
+
+    #[test]
+    fn wrong_key_cert_leaf_key_is_not_the_csr_key() {
+        let (dir, key, p, chain) = final_under(&[Fault::WrongKeyCert]);
+        assert_eq!(p.faults, vec![Fault::WrongKeyCert]);
+        let leaf = parse(&chain[0]);
+        assert_ne!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        assert_eq!(leaf.subject().to_string(), format!("CN={REG}"));
+        // Otherwise a perfectly good chain.
+        assert!(verifies_to(&chain, &real(&dir, pki::ISSUING_ROOT)));
+        let issued = p.issued.unwrap();
+        assert_eq!(
+            issued.csr_spki_sha256,
+            issue::sha256_hex(&key.subject_public_key_info())
+        );
+        assert_ne!(issued.leaf_spki_sha256, issued.csr_spki_sha256);
+    }
+
+    #[test]
+    fn bad_chain_leaf_issuer_is_not_in_the_chain() {
+        let (dir, key, p, chain) = final_under(&[Fault::BadChain]);
+        assert_eq!(p.faults, vec![Fault::BadChain]);
+        assert_eq!(chain.len(), 3);
+        let leaf = parse(&chain[0]);
+        let real_ca_der = real(&dir, pki::ISSUING_CA);
+        let real_ca = parse(&real_ca_der);
+        assert_eq!(leaf.issuer(), real_ca.subject());
+        assert!(leaf.verify_signature(Some(real_ca.public_key())).is_ok());
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        for other in &chain[1..] {
+            let other = parse(other);
+            assert_ne!(other.subject(), leaf.issuer());
+            assert!(other.subject().to_string().contains("Unrelated"));
+        }
+        assert!(!verifies_to(&chain, &real(&dir, pki::ISSUING_ROOT)));
+        assert!(!verifies_to(&chain, &chain[2]));
+    }
+
+    #[test]
+    fn foreign_chain_verifies_to_its_own_root_only() {
+        let (dir, key, p, chain) = final_under(&[Fault::ForeignChain]);
+        assert_eq!(p.faults, vec![Fault::ForeignChain]);
+        assert_eq!(chain.len(), 3);
+        let leaf = parse(&chain[0]);
+        assert_eq!(leaf.subject().to_string(), format!("CN={REG}"));
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        assert_eq!(
+            parse(&chain[2]).subject().to_string(),
+            format!("CN={}", issue::FOREIGN_ROOT_CN)
+        );
+        assert!(verifies_to(&chain, &chain[2]));
+        assert!(!verifies_to(&chain, &real(&dir, pki::ISSUING_ROOT)));
+        // Not even the hub's anchor (the issuing CA) accepts it.
+        assert!(!verifies_to(&chain, &real(&dir, pki::ISSUING_CA)));
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_dates() {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let (_d, _k, p, chain) = final_under(&[Fault::ExpiredCert]);
+        assert_eq!(p.faults, vec![Fault::ExpiredCert]);
+        let v = parse(&chain[0]).validity().clone();
+        assert!((v.not_before.timestamp() - (now - 2 * 86_400)).abs() <= 2);
+        assert!((v.not_after.timestamp() - (now - 86_400)).abs() <= 2);
+
+        let (_d, _k, p, chain) = final_under(&[Fault::NotYetValidCert]);
+        assert_eq!(p.faults, vec![Fault::NotYetValidCert]);
+        let v = parse(&chain[0]).validity().clone();
+        assert!((v.not_before.timestamp() - (now + 86_400)).abs() <= 2);
+        assert!((v.not_after.timestamp() - (now + 30 * 86_400)).abs() <= 2);
+
+        // expired-cert wins when both are on.
+        let (_d, _k, p, _chain) = final_under(&[Fault::NotYetValidCert, Fault::ExpiredCert]);
+        assert_eq!(p.faults, vec![Fault::ExpiredCert]);
+        assert!(p.issued.unwrap().not_after.unix_timestamp() < now);
+    }
+
+    #[test]
+    fn short_lived_overrides_cert_validity() {
+        let (_d, _k, p, chain) = final_under(&[Fault::ShortLived]);
+        assert_eq!(p.faults, vec![Fault::ShortLived]);
+        let v = parse(&chain[0]).validity().clone();
+        assert_eq!(v.not_after.timestamp() - v.not_before.timestamp(), 30);
+    }
+
+    #[test]
+    fn truncated_chain_holds_only_the_leaf_and_faults_combine() {
+        let (_d, key, p, chain) = final_under(&[Fault::TruncatedChain, Fault::ExpiredCert]);
+        assert_eq!(p.faults, vec![Fault::ExpiredCert, Fault::TruncatedChain]);
+        assert_eq!(chain.len(), 1);
+        assert_eq!(
+            parse(&chain[0]).public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+    }
+
+    #[test]
+    fn retry_after_large_on_every_register() {
+        let (_d, dps) = service(0);
+        let f = FaultSet::new([Fault::RetryAfterLarge, Fault::Throttle]);
+        for _ in 0..3 {
+            let r = dps.register(ctx(), b"{}", &f);
+            assert_eq!((r.status, r.retry_after), (429, Some(RETRY_AFTER_LARGE)));
+            assert_eq!(r.error_code, Some(ERR_THROTTLED));
+            assert_eq!(r.faults, vec![Fault::RetryAfterLarge]);
+        }
+        // Switched off: the next register goes through (throttle still has its one 429).
+        assert_eq!(dps.register(ctx(), b"{}", &none()).status, 202);
+    }
+
+    #[test]
+    fn drop_after_register_once_per_registration_id() {
+        let (_d, dps) = service(0);
+        let f = FaultSet::new([Fault::DropAfterRegister]);
+        let r = dps.register(ctx(), b"{}", &f);
+        assert!(r.drop_connection);
+        assert!(r.body.is_empty());
+        assert_eq!(r.faults, vec![Fault::DropAfterRegister]);
+        let again = dps.register(ctx(), b"{}", &f);
+        assert!(!again.drop_connection);
+        assert_eq!(again.status, 202);
+        let other = RequestContext {
+            registration_id: "gw-0002",
+            api_version: CSR_API_VERSION,
+        };
+        assert!(dps.register(other, b"{}", &f).drop_connection);
+        // Polls are never dropped.
+        let p = dps.poll(ctx(), again.operation_id.as_deref(), &f);
+        assert_eq!((p.status, p.drop_connection), (200, false));
+    }
+
+    #[test]
+    fn oversize_response_is_valid_json_beyond_96k() {
+        let (_d, _k, p, chain) = final_under(&[Fault::OversizeResponse]);
+        assert_eq!(p.faults, vec![Fault::OversizeResponse]);
+        assert!(
+            p.body.len() > 96 * 1024 + OVERSIZE_PADDING / 2,
+            "{}",
+            p.body.len()
+        );
+        assert!(p.body.len() > 200 * 1024);
+        let b = json_body(&p);
+        assert_eq!(b["status"], "assigned");
+        assert_eq!(
+            b["simulatorPadding"].as_str().unwrap().len(),
+            OVERSIZE_PADDING
+        );
+        assert_eq!(chain.len(), 3);
+    }
+
+    #[test]
+    fn csr_reject_only_when_a_csr_is_sent() {
+        let (_d, dps) = service(0);
+        let f = FaultSet::new([Fault::CsrReject]);
+        let body = json!({"csr": csr(REG)}).to_string();
+        for _ in 0..2 {
+            let r = dps.register(ctx(), body.as_bytes(), &f);
+            assert_eq!(r.status, 400);
+            assert_eq!(r.error_code, Some(400_040));
+            assert_eq!(r.faults, vec![Fault::CsrReject]);
+            let b = json_body(&r);
+            assert_eq!(b["errorCode"], 400_040);
+            assert_eq!(b["message"], "The certificate signing request is not valid");
+        }
+        let r = dps.register(ctx(), b"{}", &f);
+        assert_eq!(r.status, 202);
+        assert!(r.faults.is_empty());
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! Fault injection: the names a test can switch on (`--fault NAME`, or one name per line in the
-//! `--control` file) and the set that is active for one request. This module only says *which*
-//! faults are on; `dps.rs` decides what each one does to a response.
+//! `--control` file) and the set that is active for one request or connection. This module only
+//! says *which* faults are on; `dps.rs` decides what each one does to a DPS answer or an issued
+//! chain, `server.rs` / `tls.rs` apply the connection-level ones (`mitm`, `hub-unreachable`) and
+//! `hub_mqtt.rs` applies `reject-cert`.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-/// One misbehaviour of the simulated DPS. Add a variant here, to [`Fault::ALL`] and to
-/// [`Fault::name`], then give it an effect in `dps.rs`.
+/// One misbehaviour of the simulated DPS or IoT Hub. Add a variant here, to [`Fault::ALL`] and
+/// to [`Fault::name`], then give it an effect (`dps.rs` for DPS answers and issuance).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Fault {
     /// First register of each registration id and first poll of each operation get 429.
@@ -23,6 +25,34 @@ pub enum Fault {
     StatusDisabled,
     /// The final 200 body is cut in the middle of `registrationState`.
     MalformedJson,
+    /// The issued leaf carries a freshly generated public key, not the CSR's.
+    WrongKeyCert,
+    /// The leaf is signed by the real issuing CA, but the chain after it is an unrelated CA pair.
+    BadChain,
+    /// The whole chain (leaf included) comes from an unrelated, internally consistent CA pair.
+    ForeignChain,
+    /// The leaf expired a day ago (notBefore now - 2 d, notAfter now - 1 d).
+    ExpiredCert,
+    /// The leaf becomes valid tomorrow (notBefore now + 1 d, notAfter now + 30 d).
+    NotYetValidCert,
+    /// `issuedCertificateChain` holds only the leaf.
+    TruncatedChain,
+    /// The leaf is valid for 30 s (overrides `--cert-validity`).
+    ShortLived,
+    /// Every register is answered 429 with `retry-after=7200`.
+    RetryAfterLarge,
+    /// The first register of each registration id: the connection is closed, no answer.
+    DropAfterRegister,
+    /// The final 200 body is padded beyond DPS's 96 KB message limit.
+    OversizeResponse,
+    /// A register carrying a CSR gets 400, errorCode 400040.
+    CsrReject,
+    /// The TLS server presents a certificate for another host name (wrong-host.example.net).
+    Mitm,
+    /// IoT Hub: every device connection gets CONNACK 5.
+    RejectCert,
+    /// IoT Hub: TCP connections are accepted and closed at once, before TLS.
+    HubUnreachable,
 }
 
 impl Fault {
@@ -34,6 +64,20 @@ impl Fault {
         Fault::StatusFailed,
         Fault::StatusDisabled,
         Fault::MalformedJson,
+        Fault::WrongKeyCert,
+        Fault::BadChain,
+        Fault::ForeignChain,
+        Fault::ExpiredCert,
+        Fault::NotYetValidCert,
+        Fault::TruncatedChain,
+        Fault::ShortLived,
+        Fault::RetryAfterLarge,
+        Fault::DropAfterRegister,
+        Fault::OversizeResponse,
+        Fault::CsrReject,
+        Fault::Mitm,
+        Fault::RejectCert,
+        Fault::HubUnreachable,
     ];
 
     /// The name used on the command line, in the control file and in events.
@@ -45,6 +89,20 @@ impl Fault {
             Fault::StatusFailed => "status-failed",
             Fault::StatusDisabled => "status-disabled",
             Fault::MalformedJson => "malformed-json",
+            Fault::WrongKeyCert => "wrong-key-cert",
+            Fault::BadChain => "bad-chain",
+            Fault::ForeignChain => "foreign-chain",
+            Fault::ExpiredCert => "expired-cert",
+            Fault::NotYetValidCert => "not-yet-valid-cert",
+            Fault::TruncatedChain => "truncated-chain",
+            Fault::ShortLived => "short-lived",
+            Fault::RetryAfterLarge => "retry-after-large",
+            Fault::DropAfterRegister => "drop-after-register",
+            Fault::OversizeResponse => "oversize-response",
+            Fault::CsrReject => "csr-reject",
+            Fault::Mitm => "mitm",
+            Fault::RejectCert => "reject-cert",
+            Fault::HubUnreachable => "hub-unreachable",
         }
     }
 
@@ -63,6 +121,17 @@ impl fmt::Display for Fault {
         f.write_str(self.name())
     }
 }
+
+/// The faults that change an issued certificate or its chain (reported in `issued` events).
+pub const ISSUANCE: &[Fault] = &[
+    Fault::WrongKeyCert,
+    Fault::BadChain,
+    Fault::ForeignChain,
+    Fault::ExpiredCert,
+    Fault::NotYetValidCert,
+    Fault::TruncatedChain,
+    Fault::ShortLived,
+];
 
 /// A fault name that is not in [`Fault::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +177,24 @@ impl FaultSet {
     pub fn iter(&self) -> impl Iterator<Item = Fault> + '_ {
         self.0.iter().copied()
     }
+}
+
+/// The `fault` field of an event: `null`, one name, or several names joined by `,` (in
+/// [`Fault::ALL`] order) when more than one fault shaped the answer.
+pub fn event_field(faults: &[Fault]) -> Option<String> {
+    if faults.is_empty() {
+        return None;
+    }
+    let mut sorted = faults.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    Some(
+        sorted
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
 }
 
 /// A bad line in the control file.
@@ -205,6 +292,30 @@ mod tests {
         for f in Fault::ALL {
             assert!(msg.contains(f.name()), "{msg} lacks {f}");
         }
+    }
+
+    #[test]
+    fn names_are_unique_and_all_listed() {
+        let mut names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Fault::ALL.len());
+        assert_eq!(Fault::ALL.len(), 20);
+    }
+
+    #[test]
+    fn event_field_joins_in_declaration_order() {
+        assert_eq!(event_field(&[]), None);
+        assert_eq!(event_field(&[Fault::Mitm]).as_deref(), Some("mitm"));
+        assert_eq!(
+            event_field(&[
+                Fault::TruncatedChain,
+                Fault::ExpiredCert,
+                Fault::ExpiredCert
+            ])
+            .as_deref(),
+            Some("expired-cert,truncated-chain")
+        );
     }
 
     #[test]

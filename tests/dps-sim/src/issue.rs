@@ -1,6 +1,7 @@
 //! Operational certificates: checks a device's CSR (base64 DER PKCS#10) the way the simulated
-//! DPS does, and issues a leaf from the issuing CA (like Azure Device Registry). Knows nothing
-//! about MQTT or the DPS state machine.
+//! DPS does, and issues a leaf from the issuing CA (like Azure Device Registry), or a
+//! deliberately wrong one when a request says so (another key, an unrelated or foreign chain,
+//! leaf only). Knows nothing about MQTT, faults or the DPS state machine.
 
 use std::path::Path;
 
@@ -8,7 +9,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
@@ -29,6 +31,13 @@ pub const ERR_CSR_SIGNATURE: u32 = 400_041;
 pub const ERR_CSR_SUBJECT: u32 = 400_042;
 /// errorCode for a CSR key that is not EC P-256 / P-384.
 pub const ERR_CSR_KEY: u32 = 400_043;
+
+/// Names of the unrelated CA pair put after the real leaf by `bad-chain`.
+pub const UNRELATED_ROOT_CN: &str = "dps-sim Unrelated Root CA";
+pub const UNRELATED_CA_CN: &str = "dps-sim Unrelated Intermediate CA";
+/// Names of the CA pair that issues the whole chain under `foreign-chain`.
+pub const FOREIGN_ROOT_CN: &str = "dps-sim Foreign Root";
+pub const FOREIGN_CA_CN: &str = "dps-sim Foreign Policy CA";
 
 /// Why a CSR was refused; the message goes into the 400 error body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -169,6 +178,8 @@ pub enum IssueError {
     PublicKey(rcgen::Error),
     #[error("signing the certificate failed: {0}")]
     Sign(rcgen::Error),
+    #[error("generating a key or CA for a simulated bad chain failed: {0}")]
+    Generate(#[source] PkiError),
     #[error(
         "the validity period is empty (not_after {not_after} is not after not_before {not_before})"
     )]
@@ -178,14 +189,54 @@ pub enum IssueError {
     },
 }
 
-/// What to put in an issued leaf. Times are explicit so later faults (expired, not yet
-/// valid, short-lived) can choose them.
+/// Who signs the leaf and what follows it in the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChainKind {
+    /// Leaf from the issuing CA, then the issuing CA and the issuing root.
+    #[default]
+    Real,
+    /// Leaf from the issuing CA, then a freshly generated, unrelated intermediate and root
+    /// ([`UNRELATED_CA_CN`], [`UNRELATED_ROOT_CN`]): the leaf's issuer is not in the chain.
+    Unrelated,
+    /// Everything from a freshly generated CA pair ([`FOREIGN_CA_CN`], [`FOREIGN_ROOT_CN`]):
+    /// consistent, but it does not lead to the issuing root.
+    Foreign,
+}
+
+/// What to put in an issued leaf. Times are explicit so faults (expired, not yet valid,
+/// short-lived) can choose them.
 #[derive(Debug, Clone)]
 pub struct LeafRequest<'a> {
     pub registration_id: &'a str,
+    /// DER SubjectPublicKeyInfo from the CSR.
     pub spki_der: &'a [u8],
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
+    /// Put a freshly generated key (same curve) in the leaf instead of `spki_der`.
+    pub wrong_key: bool,
+    pub chain: ChainKind,
+    /// Return the leaf alone.
+    pub leaf_only: bool,
+}
+
+impl<'a> LeafRequest<'a> {
+    /// A correct leaf for this key and validity period.
+    pub fn new(
+        registration_id: &'a str,
+        spki_der: &'a [u8],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Self {
+        LeafRequest {
+            registration_id,
+            spki_der,
+            not_before,
+            not_after,
+            wrong_key: false,
+            chain: ChainKind::Real,
+            leaf_only: false,
+        }
+    }
 }
 
 /// An issued chain and the facts the events file reports about it.
@@ -198,6 +249,8 @@ pub struct Issued {
     pub not_after: OffsetDateTime,
     /// Lowercase hex SHA-256 of the leaf's DER SubjectPublicKeyInfo.
     pub leaf_spki_sha256: String,
+    /// The same for the CSR's key (differs from `leaf_spki_sha256` only with `wrong_key`).
+    pub csr_spki_sha256: String,
 }
 
 /// The issuing CA (ADR policy CA) with its certificate chain.
@@ -227,8 +280,14 @@ impl CertIssuer {
         })
     }
 
+    /// The issuing CA certificate (what the simulated hub trusts).
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
     /// Issues a leaf: subject CN = registration id only, the requested key, random serial,
-    /// EKU clientAuth, KU digitalSignature, SKI/AKI, CA:false; signed by the issuing CA.
+    /// EKU clientAuth, KU digitalSignature, SKI/AKI, CA:false; signed by the issuing CA, unless
+    /// the request asks for a wrong key or another chain.
     pub fn issue(&self, req: &LeafRequest<'_>) -> Result<Issued, IssueError> {
         if req.not_after <= req.not_before {
             return Err(IssueError::Validity {
@@ -236,8 +295,13 @@ impl CertIssuer {
                 not_after: req.not_after,
             });
         }
+        let leaf_spki = if req.wrong_key {
+            unrelated_key_like(req.spki_der)?
+        } else {
+            req.spki_der.to_vec()
+        };
         let public_key =
-            rcgen::SubjectPublicKeyInfo::from_der(req.spki_der).map_err(IssueError::PublicKey)?;
+            rcgen::SubjectPublicKeyInfo::from_der(&leaf_spki).map_err(IssueError::PublicKey)?;
         let (serial, serial_hex) = pki::random_serial();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -250,17 +314,64 @@ impl CertIssuer {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let leaf = params
-            .signed_by(&public_key, &self.issuer)
-            .map_err(IssueError::Sign)?;
+        let mut chain = match req.chain {
+            ChainKind::Real | ChainKind::Unrelated => {
+                let leaf = params
+                    .signed_by(&public_key, &self.issuer)
+                    .map_err(IssueError::Sign)?;
+                vec![leaf.der().clone()]
+            }
+            ChainKind::Foreign => {
+                let (root, ca) =
+                    pki::ca_pair(FOREIGN_ROOT_CN, FOREIGN_CA_CN).map_err(IssueError::Generate)?;
+                let leaf = params
+                    .signed_by(&public_key, &ca)
+                    .map_err(IssueError::Sign)?;
+                vec![leaf.der().clone(), ca.der().clone(), root.der().clone()]
+            }
+        };
+        match req.chain {
+            ChainKind::Real => chain.extend([self.ca.clone(), self.root.clone()]),
+            ChainKind::Unrelated => {
+                let (root, ca) = pki::ca_pair(UNRELATED_ROOT_CN, UNRELATED_CA_CN)
+                    .map_err(IssueError::Generate)?;
+                chain.extend([ca.der().clone(), root.der().clone()]);
+            }
+            ChainKind::Foreign => {}
+        }
+        if req.leaf_only {
+            chain.truncate(1);
+        }
         Ok(Issued {
-            chain: vec![leaf.der().clone(), self.ca.clone(), self.root.clone()],
+            chain,
             serial_hex,
             not_before: req.not_before,
             not_after: req.not_after,
-            leaf_spki_sha256: sha256_hex(req.spki_der),
+            leaf_spki_sha256: sha256_hex(&leaf_spki),
+            csr_spki_sha256: sha256_hex(req.spki_der),
         })
     }
+}
+
+/// A freshly generated public key (DER SubjectPublicKeyInfo) on the same curve as `spki_der`
+/// (P-256 stays P-256, anything else gets P-384); its private key is thrown away.
+fn unrelated_key_like(spki_der: &[u8]) -> Result<Vec<u8>, IssueError> {
+    let p256 = SubjectPublicKeyInfo::from_der(spki_der)
+        .ok()
+        .and_then(|(_, spki)| {
+            spki.algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| Oid::try_from(p).ok())
+        })
+        .is_some_and(|curve| curve == OID_EC_P256);
+    let alg = if p256 {
+        &PKCS_ECDSA_P256_SHA256
+    } else {
+        &PKCS_ECDSA_P384_SHA384
+    };
+    let key = KeyPair::generate_for(alg).map_err(|e| IssueError::Generate(e.into()))?;
+    Ok(key.subject_public_key_info())
 }
 
 /// Lowercase hex SHA-256.
@@ -275,7 +386,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{PublicKeyData, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519};
+    use rcgen::PKCS_ED25519;
     use x509_parser::prelude::parse_x509_certificate;
 
     fn csr_with(dn: DistinguishedName, key: &KeyPair) -> String {
@@ -438,12 +549,12 @@ mod tests {
         let valid = check_csr(&csr_with(cn("gw-0001"), &key), "gw-0001").unwrap();
         let now = pki::now_seconds();
         let issued = issuer
-            .issue(&LeafRequest {
-                registration_id: "gw-0001",
-                spki_der: &valid.spki_der,
-                not_before: now,
-                not_after: now + time::Duration::hours(1),
-            })
+            .issue(&LeafRequest::new(
+                "gw-0001",
+                &valid.spki_der,
+                now,
+                now + time::Duration::hours(1),
+            ))
             .unwrap();
         assert_eq!(issued.chain.len(), 3);
         let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
@@ -494,5 +605,154 @@ mod tests {
 
     fn has_ext(cert: &x509_parser::certificate::X509Certificate<'_>, oid: &Oid<'_>) -> bool {
         cert.extensions().iter().any(|e| e.oid == *oid)
+    }
+
+    /// An issuer over a fresh PKI, a P-384 CSR key and a one-hour request for it.
+    fn setup() -> (tempfile::TempDir, CertIssuer, KeyPair) {
+        let dir = tempfile::tempdir().unwrap();
+        pki::generate(dir.path(), &[], false).unwrap();
+        let issuer = CertIssuer::load(dir.path()).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
+        (dir, issuer, key)
+    }
+
+    fn issue_with(
+        issuer: &CertIssuer,
+        spki: &[u8],
+        tweak: impl FnOnce(&mut LeafRequest<'_>),
+    ) -> Issued {
+        let now = pki::now_seconds();
+        let mut req = LeafRequest::new("gw-0001", spki, now, now + time::Duration::hours(1));
+        tweak(&mut req);
+        issuer.issue(&req).unwrap()
+    }
+
+    fn subject(der: &[u8]) -> String {
+        parse_x509_certificate(der).unwrap().1.subject().to_string()
+    }
+
+    #[test]
+    fn wrong_key_keeps_everything_but_the_key() {
+        let (_d, issuer, key) = setup();
+        let spki = key.subject_public_key_info();
+        let issued = issue_with(&issuer, &spki, |r| r.wrong_key = true);
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        assert_ne!(leaf.public_key().raw, spki.as_slice());
+        assert_eq!(issued.leaf_spki_sha256, sha256_hex(leaf.public_key().raw));
+        assert_eq!(issued.csr_spki_sha256, sha256_hex(&spki));
+        assert_ne!(issued.leaf_spki_sha256, issued.csr_spki_sha256);
+        // Same curve, same name, same issuer.
+        assert_eq!(
+            leaf.public_key().algorithm.parameters,
+            parse_x509_certificate(&issue_with(&issuer, &spki, |_| {}).chain[0])
+                .unwrap()
+                .1
+                .public_key()
+                .algorithm
+                .parameters
+        );
+        assert_eq!(leaf.subject().to_string(), "CN=gw-0001");
+        assert_eq!(issued.chain[1], *issuer.ca_cert());
+        // A P-256 CSR key gets a P-256 replacement.
+        let p256 = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let issued = issue_with(&issuer, &p256.subject_public_key_info(), |r| {
+            r.wrong_key = true
+        });
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        let curve = leaf.public_key().algorithm.parameters.as_ref().unwrap();
+        assert_eq!(Oid::try_from(curve).unwrap(), OID_EC_P256);
+        assert_ne!(leaf.public_key().raw, p256.subject_public_key_info());
+    }
+
+    #[test]
+    fn unrelated_chain_does_not_contain_the_leaf_issuer() {
+        let (dir, issuer, key) = setup();
+        let issued = issue_with(&issuer, &key.subject_public_key_info(), |r| {
+            r.chain = ChainKind::Unrelated
+        });
+        assert_eq!(issued.chain.len(), 3);
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        let (_, real_ca) = parse_x509_certificate(issuer.ca_cert()).unwrap();
+        let (_, ca) = parse_x509_certificate(&issued.chain[1]).unwrap();
+        let (_, root) = parse_x509_certificate(&issued.chain[2]).unwrap();
+        // The leaf really is from the issuing CA ...
+        assert_eq!(leaf.issuer(), real_ca.subject());
+        assert!(leaf.verify_signature(Some(real_ca.public_key())).is_ok());
+        // ... but the rest is a consistent pair with other names.
+        assert_eq!(ca.subject().to_string(), format!("CN={UNRELATED_CA_CN}"));
+        assert_eq!(
+            root.subject().to_string(),
+            format!("CN={UNRELATED_ROOT_CN}")
+        );
+        assert_ne!(leaf.issuer(), ca.subject());
+        assert!(leaf.verify_signature(Some(ca.public_key())).is_err());
+        assert!(ca.verify_signature(Some(root.public_key())).is_ok());
+        assert_ne!(subject(&issued.chain[2]), subject(&pki_root(&dir)));
+    }
+
+    fn pki_root(dir: &tempfile::TempDir) -> Vec<u8> {
+        pki::load_cert(&pki::cert_file(dir.path(), pki::ISSUING_ROOT))
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn foreign_chain_is_consistent_but_foreign() {
+        let (d, issuer, key) = setup();
+        let spki = key.subject_public_key_info();
+        let issued = issue_with(&issuer, &spki, |r| r.chain = ChainKind::Foreign);
+        assert_eq!(issued.chain.len(), 3);
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        let (_, ca) = parse_x509_certificate(&issued.chain[1]).unwrap();
+        let (_, root) = parse_x509_certificate(&issued.chain[2]).unwrap();
+        assert_eq!(leaf.subject().to_string(), "CN=gw-0001");
+        assert_eq!(leaf.public_key().raw, spki.as_slice());
+        assert_eq!(ca.subject().to_string(), format!("CN={FOREIGN_CA_CN}"));
+        assert_eq!(root.subject().to_string(), format!("CN={FOREIGN_ROOT_CN}"));
+        assert!(leaf.verify_signature(Some(ca.public_key())).is_ok());
+        assert!(ca.verify_signature(Some(root.public_key())).is_ok());
+        assert!(root.verify_signature(None).is_ok());
+        let real_root = pki_root(&d);
+        let (_, real_root) = parse_x509_certificate(&real_root).unwrap();
+        let (_, real_ca) = parse_x509_certificate(issuer.ca_cert()).unwrap();
+        assert!(leaf.verify_signature(Some(real_ca.public_key())).is_err());
+        assert!(ca.verify_signature(Some(real_root.public_key())).is_err());
+    }
+
+    #[test]
+    fn leaf_only_and_validity_are_as_requested() {
+        let (_d, issuer, key) = setup();
+        let spki = key.subject_public_key_info();
+        let issued = issue_with(&issuer, &spki, |r| r.leaf_only = true);
+        assert_eq!(issued.chain.len(), 1);
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        assert_eq!(leaf.subject().to_string(), "CN=gw-0001");
+        let issued = issue_with(&issuer, &spki, |r| {
+            r.leaf_only = true;
+            r.chain = ChainKind::Foreign;
+        });
+        assert_eq!(issued.chain.len(), 1);
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        assert_eq!(leaf.issuer().to_string(), format!("CN={FOREIGN_CA_CN}"));
+
+        // Any period in the past or future is issued as asked; an empty one is refused.
+        let now = pki::now_seconds();
+        let past = LeafRequest::new(
+            "gw-0001",
+            &spki,
+            now - time::Duration::days(2),
+            now - time::Duration::days(1),
+        );
+        let issued = issuer.issue(&past).unwrap();
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        assert_eq!(
+            leaf.validity().not_after.timestamp(),
+            now.unix_timestamp() - 86_400
+        );
+        let empty = LeafRequest::new("gw-0001", &spki, now, now);
+        assert!(matches!(
+            issuer.issue(&empty),
+            Err(IssueError::Validity { .. })
+        ));
     }
 }

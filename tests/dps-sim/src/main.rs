@@ -27,7 +27,7 @@ enum Command {
     /// issuing CAs) into a directory.
     Pki(PkiArgs),
     /// Run the simulator until SIGTERM or SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,7 +48,8 @@ struct ServeArgs {
     /// PKI directory written by `dps-sim pki`.
     #[arg(long, value_name = "DIR")]
     pki: PathBuf,
-    /// Written atomically once listening: {"mqtt_port": <u16>, "pid": <u32>}.
+    /// Written atomically once listening: {"mqtt_port": <u16>, "hub_port": <u16>|null,
+    /// "pid": <u32>}.
     #[arg(long, value_name = "PATH")]
     ready_file: PathBuf,
     /// JSON Lines events file (truncated at start).
@@ -67,7 +68,8 @@ struct ServeArgs {
     /// Default: DIR/bootstrap-root.pem.
     #[arg(long = "trust-ca", value_name = "PEM")]
     trust_ca: Vec<PathBuf>,
-    /// assignedHub in the registration result.
+    /// assignedHub in the registration result; also the host name the simulated hub expects
+    /// in usernames.
     #[arg(long, default_value = "localhost")]
     assigned_hub: String,
     /// Seconds in the retry-after topic property of 202 and 429 answers (0 allowed).
@@ -86,6 +88,13 @@ struct ServeArgs {
     /// it replaces the --fault set.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Also run the IoT Hub simulator (MQTT over TLS) on this port; 0 lets the OS choose (see
+    /// the ready file). Without this flag no hub listens.
+    #[arg(long, value_name = "PORT")]
+    hub_port: Option<u16>,
+    /// Where the hub writes the device twins (JSON, atomically) after every change.
+    #[arg(long, value_name = "PATH", requires = "hub_port")]
+    twin_file: Option<PathBuf>,
 }
 
 fn fault_help() -> String {
@@ -96,7 +105,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pki(args) => run_pki(args),
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,6 +144,8 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         cert_validity: args.cert_validity,
         faults: args.faults,
         control: args.control,
+        hub_port: args.hub_port,
+        twin_file: args.twin_file,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

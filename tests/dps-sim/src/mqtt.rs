@@ -1,78 +1,93 @@
 //! One device connection speaking DPS over MQTT 3.1.1: CONNECT checks (protocol level,
 //! client id, TLS chain, certificate CN, username), the response subscription, and the
-//! register / poll publishes handed to `dps.rs`. Packets are framed and encoded by rumqttc's
-//! `mqttbytes::v4`. No session state survives a connection.
+//! register / poll publishes handed to `dps.rs`. Framing is `wire.rs`. No session state
+//! survives a connection.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
     UnsubAck,
 };
-use rumqttc::mqttbytes::{check, Error as MqttError, Protocol, QoS};
-use rustls::pki_types::CertificateDer;
+use rumqttc::mqttbytes::{Protocol, QoS};
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::dps::{self, Outcome, RequestContext};
+use crate::events::Service;
+use crate::faults;
 use crate::issue::Issued;
-use crate::server::Simulator;
+use crate::server::{Peer, Simulator};
 use crate::tls;
 use crate::topics::{self, RequestTopic};
+use crate::wire::{self, ConnectError, Wire};
 
 /// Largest packet accepted from a device (DPS: 96 KB per message); larger closes the connection.
 pub const MAX_INCOMING: usize = 96 * 1024;
-/// Largest packet the simulator sends (the MQTT maximum).
-const MAX_OUTGOING: usize = 268_435_455;
-/// Time allowed between the TLS handshake and a complete CONNECT.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one connection until it ends and records why in a `disconnect` event.
 pub async fn serve_connection<S>(
     stream: S,
-    conn: u64,
-    peer_chain: Vec<CertificateDer<'static>>,
+    peer: Peer,
     sim: &Simulator,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut session = Session {
-        stream,
-        conn,
+        wire: Wire::new(stream, MAX_INCOMING),
+        peer,
         sim,
-        buf: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(4096),
         keep_alive: None,
         registration_id: String::new(),
         api_version: String::new(),
         granted: None,
-        next_pkid: 0,
     };
-    let reason = tokio::select! {
-        reason = session.run(&peer_chain) => reason,
-        _ = shutdown.wait_for(|stop| *stop) => "server shutdown".to_string(),
+    let end = tokio::select! {
+        end = session.run() => end,
+        _ = shutdown.wait_for(|stop| *stop) => End::Close("server shutdown".to_string()),
     };
-    let _ = session.stream.shutdown().await;
-    sim.events
-        .emit(conn, "disconnect", json!({ "reason": reason }));
+    let reason = match end {
+        End::Close(reason) => {
+            let _ = session.wire.stream.shutdown().await;
+            reason
+        }
+        // Dropped without a TLS close_notify: the device just sees the TCP connection go.
+        End::Drop(reason) => reason,
+    };
+    sim.events.emit(
+        Service::Dps,
+        session.peer.conn,
+        "disconnect",
+        json!({ "reason": reason }),
+    );
+}
+
+/// How a connection ends.
+enum End {
+    /// Orderly: TLS close_notify, then the socket is closed.
+    Close(String),
+    /// Abrupt: the socket is dropped (`drop-after-register`).
+    Drop(String),
+}
+
+impl From<String> for End {
+    fn from(reason: String) -> Self {
+        End::Close(reason)
+    }
 }
 
 struct Session<'a, S> {
-    stream: S,
-    conn: u64,
+    wire: Wire<S>,
+    peer: Peer,
     sim: &'a Simulator,
-    buf: BytesMut,
-    out: BytesMut,
     /// 1.5 × the client's keep-alive, if it asked for one.
     keep_alive: Option<Duration>,
     registration_id: String,
     api_version: String,
     /// QoS granted to `$dps/registrations/res/#`, if subscribed.
     granted: Option<QoS>,
-    next_pkid: u16,
 }
 
 /// Result of the CONNECT checks.
@@ -83,34 +98,29 @@ struct Verdict {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
-    /// Runs the connection; returns the reason it ended.
-    async fn run(&mut self, chain: &[CertificateDer<'static>]) -> String {
-        match self.handshake(chain).await {
-            Ok(()) => {}
-            Err(reason) => return reason,
+    /// Runs the connection; returns how it ended.
+    async fn run(&mut self) -> End {
+        if let Err(reason) = self.handshake().await {
+            return End::Close(reason);
         }
         loop {
-            let packet = match self.next_packet(self.keep_alive).await {
+            let packet = match self.wire.next_packet(self.keep_alive).await {
                 Ok(p) => p,
-                Err(reason) => return reason,
+                Err(reason) => return End::Close(reason),
             };
-            if let Err(reason) = self.handle(packet).await {
-                return reason;
+            if let Err(end) = self.handle(packet).await {
+                return end;
             }
         }
     }
 
     /// Reads the CONNECT, checks it, answers CONNACK. `Err` = connection is over.
-    async fn handshake(&mut self, chain: &[CertificateDer<'static>]) -> Result<(), String> {
-        let cert_cn = chain.first().and_then(|c| tls::common_name(c));
-        tokio::time::timeout(CONNECT_TIMEOUT, self.fill_frame())
-            .await
-            .map_err(|_| "no CONNECT within 10 s".to_string())??;
-        if self.buf.first().map(|b| b >> 4) != Some(1) {
-            return Err("the first packet was not CONNECT".into());
-        }
-        if let Some((name, level)) = connect_protocol(&self.buf) {
-            if name != "MQTT" || level != 4 {
+    async fn handshake(&mut self) -> Result<(), String> {
+        let cert_cn = self.peer.chain.first().and_then(|c| tls::common_name(c));
+        let connect = match self.wire.read_connect().await {
+            Ok(c) => c,
+            Err(ConnectError::Closed(reason)) => return Err(reason),
+            Err(ConnectError::Protocol { name, level }) => {
                 let result = format!(
                     "unsupported protocol {name:?} level {level}; DPS speaks MQTT 3.1.1 (level 4) only"
                 );
@@ -120,32 +130,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     &result,
                     ConnectReturnCode::RefusedProtocolVersion,
                 );
-                self.send(Packet::ConnAck(ConnAck::new(
-                    ConnectReturnCode::RefusedProtocolVersion,
-                    false,
-                )))
-                .await?;
+                self.wire
+                    .send(Packet::ConnAck(ConnAck::new(
+                        ConnectReturnCode::RefusedProtocolVersion,
+                        false,
+                    )))
+                    .await?;
                 return Err(format!("CONNECT refused: {result}"));
             }
-        }
-        let connect = match Packet::read(&mut self.buf, MAX_INCOMING) {
-            Ok(Packet::Connect(c)) => c,
-            Ok(_) => return Err("the first packet was not CONNECT".into()),
-            Err(e) => return Err(format!("malformed CONNECT: {e}")),
         };
-        let verdict = self.judge(&connect, chain, &cert_cn);
+        let verdict = self.judge(&connect, &cert_cn);
         self.connect_event(Some(&connect), &cert_cn, &verdict.result, verdict.code);
         // Sessions are never kept: session_present is always false.
-        self.send(Packet::ConnAck(ConnAck::new(verdict.code, false)))
+        self.wire
+            .send(Packet::ConnAck(ConnAck::new(verdict.code, false)))
             .await?;
         match verdict.username {
             Some(u) if verdict.code == ConnectReturnCode::Success => {
                 self.registration_id = connect.client_id;
                 self.api_version = u.api_version;
-                if connect.keep_alive > 0 {
-                    self.keep_alive =
-                        Some(Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-                }
+                self.keep_alive = wire::keep_alive_limit(connect.keep_alive);
                 Ok(())
             }
             _ => Err(format!(
@@ -157,12 +161,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 
     /// The CONNECT checks, in order. All identity problems are CONNACK 5 ("not authorized"),
     /// like DPS refusing a device; an empty client id is CONNACK 2.
-    fn judge(
-        &self,
-        connect: &Connect,
-        chain: &[CertificateDer<'static>],
-        cert_cn: &Option<String>,
-    ) -> Verdict {
+    fn judge(&self, connect: &Connect, cert_cn: &Option<String>) -> Verdict {
         let refuse = |code, result: String| Verdict {
             code,
             result,
@@ -181,7 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 "empty client id; it must be the registration id".into(),
             );
         }
-        if let Err(reason) = self.sim.validator.validate(chain) {
+        if let Err(reason) = self.sim.validator.validate(&self.peer.chain) {
             return not_authorized(reason);
         }
         match cert_cn {
@@ -220,6 +219,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
+    fn emit(&self, event: &str, fields: Value) {
+        self.sim
+            .events
+            .emit(Service::Dps, self.peer.conn, event, fields);
+    }
+
     fn connect_event(
         &self,
         connect: Option<&Connect>,
@@ -227,8 +232,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         result: &str,
         code: ConnectReturnCode,
     ) {
-        self.sim.events.emit(
-            self.conn,
+        self.emit(
             "connect",
             json!({
                 "client_id": connect.map(|c| c.client_id.clone()),
@@ -237,12 +241,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 "cert_cn": cert_cn,
                 "result": result,
                 "connack": code as u8,
+                "fault": self.peer.tls_fault.map(|f| f.name()),
             }),
         );
     }
 
-    /// Handles one packet after CONNECT. `Err` = close with this reason.
-    async fn handle(&mut self, packet: Packet) -> Result<(), String> {
+    /// Handles one packet after CONNECT. `Err` = the connection ends this way.
+    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
             Packet::Subscribe(sub) => {
                 let mut codes = Vec::with_capacity(sub.filters.len());
@@ -262,44 +267,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                         SubscribeReasonCode::Success(q) => q as u8,
                         SubscribeReasonCode::Failure => 0x80,
                     };
-                    self.sim.events.emit(
-                        self.conn,
+                    self.emit(
                         "subscribe",
                         json!({"filter": filter.path, "granted": granted}),
                     );
                     codes.push(code);
                 }
-                self.send(Packet::SubAck(SubAck::new(sub.pkid, codes)))
-                    .await
+                Ok(self
+                    .wire
+                    .send(Packet::SubAck(SubAck::new(sub.pkid, codes)))
+                    .await?)
             }
             Packet::Unsubscribe(unsub) => {
                 if unsub.topics.iter().any(|t| topics::is_response_filter(t)) {
                     self.granted = None;
                 }
-                self.send(Packet::UnsubAck(UnsubAck::new(unsub.pkid))).await
+                Ok(self
+                    .wire
+                    .send(Packet::UnsubAck(UnsubAck::new(unsub.pkid)))
+                    .await?)
             }
             Packet::Publish(publish) => self.on_publish(publish).await,
             // Acknowledgement of a QoS 1 response; nothing is kept for redelivery.
             Packet::PubAck(_) => Ok(()),
-            Packet::PingReq => self.send(Packet::PingResp).await,
-            Packet::Disconnect => Err("client DISCONNECT".into()),
-            Packet::Connect(_) => Err("protocol violation: second CONNECT".into()),
-            other => Err(format!(
+            Packet::PingReq => Ok(self.wire.send(Packet::PingResp).await?),
+            Packet::Disconnect => Err(End::Close("client DISCONNECT".into())),
+            Packet::Connect(_) => Err(End::Close("protocol violation: second CONNECT".into())),
+            other => Err(End::Close(format!(
                 "protocol violation: unexpected {} packet from a client",
-                packet_name(&other)
-            )),
+                wire::packet_name(&other)
+            ))),
         }
     }
 
-    async fn on_publish(&mut self, publish: Publish) -> Result<(), String> {
-        match publish.qos {
-            QoS::ExactlyOnce => return Err("QoS 2 publish is not supported by DPS".into()),
-            QoS::AtLeastOnce => {
-                self.send(Packet::PubAck(PubAck::new(publish.pkid))).await?;
-            }
-            QoS::AtMostOnce => {}
+    async fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
+        if publish.qos == QoS::ExactlyOnce {
+            return Err(End::Close("QoS 2 publish is not supported by DPS".into()));
         }
-        let topic = topics::parse_request_topic(&publish.topic).map_err(|e| e.to_string())?;
+        let topic = match topics::parse_request_topic(&publish.topic) {
+            Ok(t) => t,
+            Err(e) => {
+                self.puback(&publish).await?;
+                return Err(End::Close(e.to_string()));
+            }
+        };
         let faults = self.sim.faults.current().await;
         let ctx = RequestContext {
             registration_id: &self.registration_id,
@@ -309,8 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             RequestTopic::Register { .. } => ("register", None),
             RequestTopic::Poll { operation_id, .. } => ("poll", operation_id.clone()),
         };
-        self.sim.events.emit(
-            self.conn,
+        self.emit(
             "request",
             json!({
                 "kind": kind,
@@ -326,163 +336,98 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.sim.dps.poll(ctx, operation_id.as_deref(), &faults)
             }
         };
-        if let Some(issued) = &outcome.issued {
-            self.issued_event(issued);
+        if outcome.drop_connection {
+            // Not even a PUBACK: the request is lost with the connection.
+            self.response_event(topic.rid(), &outcome, false);
+            return Err(End::Drop(format!(
+                "connection dropped without an answer ({} fault)",
+                faults::event_field(&outcome.faults).unwrap_or_default()
+            )));
         }
-        self.respond(topic.rid(), &outcome).await
+        self.puback(&publish).await?;
+        if let Some(issued) = &outcome.issued {
+            self.issued_event(issued, &outcome);
+        }
+        Ok(self.respond(topic.rid(), &outcome).await?)
     }
 
+    async fn puback(&mut self, publish: &Publish) -> Result<(), String> {
+        if publish.qos == QoS::AtLeastOnce {
+            self.wire
+                .send(Packet::PubAck(PubAck::new(publish.pkid)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the answer if the device subscribed, and records it; a failed write is
+    /// recorded (`delivered: false`) before it ends the connection.
     async fn respond(&mut self, rid: &str, outcome: &Outcome) -> Result<(), String> {
-        let delivered = match self.granted {
+        let sent = match self.granted {
             Some(qos) => {
                 let topic = topics::response_topic(outcome.status, rid, outcome.retry_after);
                 let mut publish = Publish::new(topic, qos, outcome.body.clone());
                 if qos == QoS::AtLeastOnce {
-                    publish.pkid = self.pkid();
+                    publish.pkid = self.wire.pkid();
                 }
-                self.send(Packet::Publish(publish)).await?;
-                true
+                self.wire
+                    .send(Packet::Publish(publish))
+                    .await
+                    .map(|()| true)
             }
-            None => false,
+            None => Ok(false),
         };
-        self.sim.events.emit(
-            self.conn,
+        self.response_event(rid, outcome, sent.as_ref().is_ok_and(|d| *d));
+        sent.map(|_| ())
+    }
+
+    fn response_event(&self, rid: &str, outcome: &Outcome, delivered: bool) {
+        self.emit(
             "response",
             json!({
                 "rid": rid,
-                "status": outcome.status,
+                "status": (!outcome.drop_connection).then_some(outcome.status),
                 "retry_after": outcome.retry_after,
                 "operation_id": outcome.operation_id,
                 "registration_status": outcome.registration_status,
                 "error_code": outcome.error_code,
-                "fault": outcome.fault.map(|f| f.name()),
+                "fault": faults::event_field(&outcome.faults),
                 "delivered": delivered,
             }),
         );
-        Ok(())
     }
 
-    fn issued_event(&self, issued: &Issued) {
-        let fmt = |t: time::OffsetDateTime| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .map(Value::from)
-                .unwrap_or(Value::Null)
-        };
-        self.sim.events.emit(
-            self.conn,
+    fn issued_event(&self, issued: &Issued, outcome: &Outcome) {
+        self.emit(
             "issued",
-            json!({
-                "registration_id": self.registration_id,
-                "serial": issued.serial_hex,
-                "not_before": fmt(issued.not_before),
-                "not_after": fmt(issued.not_after),
-                "leaf_spki_sha256": issued.leaf_spki_sha256,
-            }),
+            issued_fields(&self.registration_id, issued, &outcome.faults),
         );
     }
-
-    fn pkid(&mut self) -> u16 {
-        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-        self.next_pkid
-    }
-
-    /// The next packet, waiting at most `idle` for it.
-    async fn next_packet(&mut self, idle: Option<Duration>) -> Result<Packet, String> {
-        match idle {
-            Some(limit) => tokio::time::timeout(limit, self.fill_frame())
-                .await
-                .map_err(|_| {
-                    format!(
-                        "keep-alive timeout ({} s without a packet)",
-                        limit.as_secs_f64()
-                    )
-                })??,
-            None => self.fill_frame().await?,
-        }
-        Packet::read(&mut self.buf, MAX_INCOMING).map_err(|e| format!("malformed packet: {e}"))
-    }
-
-    /// Reads until `buf` holds one complete frame.
-    async fn fill_frame(&mut self) -> Result<(), String> {
-        loop {
-            match check(self.buf.iter(), MAX_INCOMING) {
-                Ok(_) => return Ok(()),
-                Err(MqttError::InsufficientBytes(_)) => {}
-                Err(MqttError::PayloadSizeLimitExceeded(n)) => {
-                    return Err(format!(
-                        "packet of {n} bytes exceeds the {MAX_INCOMING}-byte limit"
-                    ))
-                }
-                Err(e) => return Err(format!("malformed packet: {e}")),
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) if self.buf.is_empty() => {
-                    return Err("connection closed by the client".into())
-                }
-                Ok(0) => {
-                    return Err("connection closed by the client in the middle of a packet".into())
-                }
-                Ok(_) => {}
-                Err(e) => return Err(format!("read error: {e}")),
-            }
-        }
-    }
-
-    async fn send(&mut self, packet: Packet) -> Result<(), String> {
-        self.out.clear();
-        packet
-            .write(&mut self.out, MAX_OUTGOING)
-            .map_err(|e| format!("cannot encode a packet: {e}"))?;
-        self.stream
-            .write_all(&self.out)
-            .await
-            .map_err(|e| format!("write error: {e}"))?;
-        self.stream
-            .flush()
-            .await
-            .map_err(|e| format!("write error: {e}"))
-    }
 }
 
-/// Protocol name and level of a complete CONNECT frame, read before decoding so that any
-/// level other than 4 gets CONNACK 1 (the v4 decoder refuses unknown levels outright).
-fn connect_protocol(frame: &[u8]) -> Option<(String, u8)> {
-    // Skip the fixed header: type byte + 1..4 remaining-length bytes.
-    let mut i = 1;
-    loop {
-        let b = *frame.get(i)?;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            return None;
-        }
-    }
-    let len = usize::from(u16::from_be_bytes([*frame.get(i)?, *frame.get(i + 1)?]));
-    i += 2;
-    let name = frame.get(i..i + len)?;
-    let level = *frame.get(i + len)?;
-    Some((String::from_utf8_lossy(name).into_owned(), level))
-}
-
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
-    }
+/// The fields of an `issued` event (shared with the hub's certificate API).
+pub fn issued_fields(registration_id: &str, issued: &Issued, applied: &[faults::Fault]) -> Value {
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .map(Value::from)
+            .unwrap_or(Value::Null)
+    };
+    // Only the faults that concern the certificate (not e.g. oversize-response).
+    let cert_faults: Vec<faults::Fault> = applied
+        .iter()
+        .copied()
+        .filter(|f| faults::ISSUANCE.contains(f))
+        .collect();
+    json!({
+        "registration_id": registration_id,
+        "serial": issued.serial_hex,
+        "not_before": fmt(issued.not_before),
+        "not_after": fmt(issued.not_after),
+        "leaf_spki_sha256": issued.leaf_spki_sha256,
+        "csr_spki_sha256": issued.csr_spki_sha256,
+        "chain_len": issued.chain.len(),
+        "fault": faults::event_field(&cert_faults),
+    })
 }
 
 #[cfg(test)]
@@ -490,19 +435,30 @@ mod tests {
     use super::*;
     use crate::dps::{Dps, DpsConfig};
     use crate::events::Events;
-    use crate::faults::FaultSource;
+    use crate::faults::{Fault, FaultSet, FaultSource};
     use crate::issue::CertIssuer;
     use crate::pki;
     use crate::tls::ClientChainValidator;
+    use crate::wire::testing::Client;
     use rumqttc::mqttbytes::v4::{Subscribe, SubscribeFilter};
+    use rustls::pki_types::CertificateDer;
     use std::sync::Arc;
-    use tokio::io::DuplexStream;
 
     const USER: &str = "0ne00000000/registrations/gw-0001/api-version=2025-07-01-preview";
 
     /// A simulator over a generated PKI, and the trusted device chain a TLS layer would
     /// have handed over.
     fn simulator() -> (
+        tempfile::TempDir,
+        Arc<Simulator>,
+        Vec<CertificateDer<'static>>,
+    ) {
+        simulator_with(FaultSet::default())
+    }
+
+    fn simulator_with(
+        faults: FaultSet,
+    ) -> (
         tempfile::TempDir,
         Arc<Simulator>,
         Vec<CertificateDer<'static>>,
@@ -520,81 +476,29 @@ mod tests {
                 CertIssuer::load(dir.path()).unwrap(),
             ),
             events: Events::to_file(&dir.path().join("events.jsonl")).unwrap(),
-            faults: FaultSource::default(),
+            faults: FaultSource::new(faults, None),
             validator: ClientChainValidator::from_files(&[pki::cert_file(
                 dir.path(),
                 pki::BOOTSTRAP_ROOT,
             )])
             .unwrap(),
             id_scope: "0ne00000000".into(),
+            hub: None,
         };
         let chain = pki::load_certs(&pki::device_full_chain_file(dir.path(), "gw-0001")).unwrap();
         (dir, Arc::new(sim), chain)
     }
 
-    struct Client {
-        io: DuplexStream,
-        buf: BytesMut,
-        server: tokio::task::JoinHandle<()>,
-        _stop: watch::Sender<bool>,
-    }
-
-    impl Client {
-        fn start(sim: &Arc<Simulator>, chain: Vec<CertificateDer<'static>>) -> Client {
-            let (io, server_io) = tokio::io::duplex(1 << 20);
-            let (stop, stop_rx) = watch::channel(false);
-            let sim = sim.clone();
-            let server = tokio::spawn(async move {
-                serve_connection(server_io, 1, chain, &sim, stop_rx).await;
-            });
-            Client {
-                io,
-                buf: BytesMut::new(),
-                server,
-                _stop: stop,
-            }
-        }
-
-        async fn send(&mut self, p: Packet) {
-            let mut out = BytesMut::new();
-            p.write(&mut out, MAX_OUTGOING).unwrap();
-            self.io.write_all(&out).await.unwrap();
-        }
-
-        /// The next packet, or `None` once the server closed the connection.
-        async fn recv(&mut self) -> Option<Packet> {
-            loop {
-                match Packet::read(&mut self.buf, MAX_OUTGOING) {
-                    Ok(p) => return Some(p),
-                    Err(MqttError::InsufficientBytes(_)) => {}
-                    Err(e) => panic!("bad packet from server: {e}"),
-                }
-                let n =
-                    tokio::time::timeout(Duration::from_secs(5), self.io.read_buf(&mut self.buf))
-                        .await
-                        .expect("server answered within 5 s")
-                        .unwrap();
-                if n == 0 {
-                    return None;
-                }
-            }
-        }
-
-        async fn connect(&mut self, client_id: &str, username: &str, clean: bool) -> ConnAck {
-            let mut c = Connect::new(client_id);
-            c.clean_session = clean;
-            c.set_login(username, "");
-            self.send(Packet::Connect(c)).await;
-            match self.recv().await {
-                Some(Packet::ConnAck(ack)) => ack,
-                other => panic!("expected CONNACK, got {other:?}"),
-            }
-        }
-
-        async fn closed(mut self) {
-            assert_eq!(self.recv().await, None);
-            self.server.await.unwrap();
-        }
+    fn client(sim: &Arc<Simulator>, chain: Vec<CertificateDer<'static>>) -> Client {
+        let sim = sim.clone();
+        Client::start(move |io, stop| async move {
+            let peer = Peer {
+                conn: 1,
+                chain,
+                tls_fault: None,
+            };
+            serve_connection(io, peer, &sim, stop).await;
+        })
     }
 
     fn events(dir: &tempfile::TempDir) -> Vec<Value> {
@@ -618,7 +522,7 @@ mod tests {
     #[tokio::test]
     async fn mqtt5_connect_gets_connack_1() {
         let (dir, sim, chain) = simulator();
-        let mut c = Client::start(&sim, chain);
+        let mut c = client(&sim, chain);
         // MQTT 5 CONNECT: level 5, clean start, keep-alive 60, no properties, client id "x".
         c.io.write_all(&[
             0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 1, b'x',
@@ -641,7 +545,7 @@ mod tests {
     #[tokio::test]
     async fn session_subscribe_ping_and_responses() {
         let (dir, sim, chain) = simulator();
-        let mut c = Client::start(&sim, chain);
+        let mut c = client(&sim, chain);
         // clean_session = 0 is accepted but no session is ever present.
         let ack = c.connect("gw-0001", USER, false).await;
         assert_eq!(ack, ConnAck::new(ConnectReturnCode::Success, false));
@@ -697,7 +601,7 @@ mod tests {
     #[tokio::test]
     async fn oversize_packet_closes_the_connection() {
         let (dir, sim, chain) = simulator();
-        let mut c = Client::start(&sim, chain);
+        let mut c = client(&sim, chain);
         c.connect("gw-0001", USER, true).await;
         let mut p = Publish::new(
             "$dps/registrations/PUT/iotdps-register/?$rid=1",
@@ -722,18 +626,18 @@ mod tests {
             ),
             ("gw-0001", ""),
         ] {
-            let mut c = Client::start(&sim, chain.clone());
+            let mut c = client(&sim, chain.clone());
             let ack = c.connect(client_id, username, true).await;
             assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{username}");
             c.closed().await;
         }
-        let mut c = Client::start(&sim, Vec::new());
+        let mut c = client(&sim, Vec::new());
         assert_eq!(
             c.connect("gw-0001", USER, true).await.code,
             ConnectReturnCode::NotAuthorized
         );
         c.closed().await;
-        let mut c = Client::start(&sim, chain);
+        let mut c = client(&sim, chain);
         assert_eq!(
             c.connect("", USER, true).await.code,
             ConnectReturnCode::BadClientId
@@ -750,28 +654,35 @@ mod tests {
             .contains("no client certificate"));
     }
 
-    #[test]
-    fn protocol_of_connect_frames() {
-        let mut buf = BytesMut::new();
-        Packet::Connect(Connect::new("gw-0001"))
-            .write(&mut buf, 1024)
-            .unwrap();
-        assert_eq!(connect_protocol(&buf), Some(("MQTT".into(), 4)));
-        // MQTT 5 CONNECT header, MQTT 3.1 (MQIsdp level 3).
-        assert_eq!(
-            connect_protocol(&[0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60]),
-            Some(("MQTT".into(), 5))
-        );
-        assert_eq!(
-            connect_protocol(&[0x10, 12, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60]),
-            Some(("MQIsdp".into(), 3))
-        );
-        // Truncated or hostile input never panics.
-        assert_eq!(connect_protocol(&[0x10]), None);
-        assert_eq!(
-            connect_protocol(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff]),
-            None
-        );
-        assert_eq!(connect_protocol(&[0x10, 2, 0xff, 0xff]), None);
+    #[tokio::test]
+    async fn drop_after_register_closes_without_puback_once() {
+        let (dir, sim, chain) = simulator_with(FaultSet::new([Fault::DropAfterRegister]));
+        let mut c = client(&sim, chain.clone());
+        c.connect("gw-0001", USER, true).await;
+        c.send(register(1, QoS::AtLeastOnce)).await;
+        // No PUBACK, no response: the connection just goes.
+        c.closed().await;
+
+        // The reconnect is answered normally.
+        let mut c = client(&sim, chain);
+        c.connect("gw-0001", USER, true).await;
+        c.send(register(1, QoS::AtLeastOnce)).await;
+        assert_eq!(c.recv().await, Some(Packet::PubAck(PubAck::new(1))));
+        c.send(Packet::Disconnect).await;
+        c.closed().await;
+
+        let ev = events(&dir);
+        let responses: Vec<&Value> = ev.iter().filter(|e| e["event"] == "response").collect();
+        assert_eq!(responses[0]["status"], Value::Null);
+        assert_eq!(responses[0]["fault"], "drop-after-register");
+        assert_eq!(responses[0]["delivered"], false);
+        assert_eq!(responses[1]["status"], 202);
+        assert_eq!(responses[1]["fault"], Value::Null);
+        let disconnects: Vec<&Value> = ev.iter().filter(|e| e["event"] == "disconnect").collect();
+        assert!(disconnects[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("drop-after-register"));
+        assert!(ev.iter().all(|e| e["service"] == "dps"));
     }
 }

@@ -24,6 +24,11 @@ pub const BOOTSTRAP_INTERMEDIATE: &str = "bootstrap-intermediate";
 pub const SERVER_CA: &str = "server-ca";
 /// The simulator's TLS server certificate (CN localhost).
 pub const SERVER: &str = "server";
+/// A server certificate for another host ([`WRONG_HOST`]) from the same server CA, presented
+/// while the `mitm` fault is on.
+pub const SERVER_WRONGHOST: &str = "server-wronghost";
+/// The only name in [`SERVER_WRONGHOST`]'s certificate.
+pub const WRONG_HOST: &str = "wrong-host.example.net";
 /// Root of the PKI that issues operational certificates (ADR credential).
 pub const ISSUING_ROOT: &str = "issuing-root";
 /// Issuing CA for operational certificates (ADR policy CA).
@@ -126,6 +131,64 @@ fn ca_params(cn: &str, constraint: BasicConstraints, days: i64) -> CertificatePa
     p
 }
 
+/// A fresh two-tier CA (self-signed root, pathlen-0 intermediate signed by it) that exists only
+/// in memory, for the chain faults (`bad-chain`, `foreign-chain`).
+pub fn ca_pair(
+    root_cn: &str,
+    intermediate_cn: &str,
+) -> Result<
+    (
+        CertifiedIssuer<'static, KeyPair>,
+        CertifiedIssuer<'static, KeyPair>,
+    ),
+    PkiError,
+> {
+    let root = CertifiedIssuer::self_signed(
+        ca_params(root_cn, BasicConstraints::Unconstrained, CA_VALIDITY_DAYS),
+        new_key(&PKCS_ECDSA_P384_SHA384)?,
+    )?;
+    let intermediate = CertifiedIssuer::signed_by(
+        ca_params(
+            intermediate_cn,
+            BasicConstraints::Constrained(0),
+            CA_VALIDITY_DAYS,
+        ),
+        new_key(&PKCS_ECDSA_P384_SHA384)?,
+        &root,
+    )?;
+    Ok((root, intermediate))
+}
+
+/// The `mitm` server certificate: CN and SAN DNS [`WRONG_HOST`] only, EKU serverAuth.
+fn wrong_host_cert(
+    server_ca: &Issuer<'_, KeyPair>,
+) -> Result<(rcgen::Certificate, KeyPair), PkiError> {
+    let key = new_key(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = leaf_params(
+        WRONG_HOST,
+        vec![SanType::DnsName(WRONG_HOST.to_string().try_into()?)],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )
+    .signed_by(&key, server_ca)?;
+    Ok((cert, key))
+}
+
+/// The `mitm` identity from `server-wronghost.pem/.key`; a PKI directory made before that file
+/// existed gets one generated in memory from `server-ca.pem/.key` (nothing is written).
+pub fn wrong_host_identity(
+    dir: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
+    let cert = cert_file(dir, SERVER_WRONGHOST);
+    let key = key_file(dir, SERVER_WRONGHOST);
+    if cert.exists() && key.exists() {
+        return Ok((load_certs(&cert)?, load_private_key(&key)?));
+    }
+    let ca = load_issuer(&cert_file(dir, SERVER_CA), &key_file(dir, SERVER_CA))?;
+    let (cert, key) = wrong_host_cert(&ca)?;
+    let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    Ok((vec![cert.der().clone()], key_der))
+}
+
 fn leaf_params(cn: &str, sans: Vec<SanType>, eku: ExtendedKeyUsagePurpose) -> CertificateParams {
     let now = now_seconds();
     let mut p = CertificateParams::default();
@@ -178,6 +241,7 @@ pub fn planned_files(dir: &Path, registration_ids: &[String]) -> Vec<PathBuf> {
         BOOTSTRAP_INTERMEDIATE,
         SERVER_CA,
         SERVER,
+        SERVER_WRONGHOST,
         ISSUING_ROOT,
         ISSUING_CA,
     ] {
@@ -286,6 +350,15 @@ pub fn generate(
     outputs.push(Output::cert(cert_file(dir, SERVER_CA), server_ca.pem()));
     outputs.push(Output::cert(cert_file(dir, SERVER), server.pem()));
     outputs.push(Output::key(key_file(dir, SERVER), &server_key));
+    let (wrong_host, wrong_host_key) = wrong_host_cert(&server_ca)?;
+    outputs.push(Output::cert(
+        cert_file(dir, SERVER_WRONGHOST),
+        wrong_host.pem(),
+    ));
+    outputs.push(Output::key(
+        key_file(dir, SERVER_WRONGHOST),
+        &wrong_host_key,
+    ));
 
     // Operational-certificate PKI (like ADR): credential root -> policy CA.
     let issuing_root_key = new_key(&PKCS_ECDSA_P384_SHA384)?;
@@ -423,7 +496,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ids = vec!["gw-0001".to_string(), "gw-0002".to_string()];
         let written = generate(dir.path(), &ids, false).unwrap();
-        assert_eq!(written.len(), 12 + 6);
+        assert_eq!(written.len(), 14 + 6);
         for f in &written {
             let mode = fs::metadata(f).unwrap().permissions().mode() & 0o777;
             let is_key = f.extension().is_some_and(|e| e == "key");
@@ -467,6 +540,70 @@ mod tests {
             load_cert(&cert_file(dir.path(), "device-gw-0001")).unwrap(),
             chain[0]
         );
+    }
+
+    fn dns_names(cert: &X509Certificate<'_>) -> Vec<String> {
+        cert.subject_alternative_name()
+            .unwrap()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .map(|n| match n {
+                        GeneralName::DNSName(d) => format!("DNS:{d}"),
+                        GeneralName::IPAddress(ip) => format!("IP:{ip:?}"),
+                        other => format!("{other:?}"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn wrong_host_identity_from_file_or_generated() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), &[], false).unwrap();
+        let server_ca = load_cert(&cert_file(dir.path(), SERVER_CA)).unwrap();
+        let (_, ca) = parse_x509_certificate(&server_ca).unwrap();
+        let (chain, _key) = wrong_host_identity(dir.path()).unwrap();
+        assert_eq!(
+            chain[0],
+            load_cert(&cert_file(dir.path(), SERVER_WRONGHOST)).unwrap()
+        );
+        // An older PKI directory without the file: made in memory, nothing written.
+        fs::remove_file(cert_file(dir.path(), SERVER_WRONGHOST)).unwrap();
+        let (generated, _key) = wrong_host_identity(dir.path()).unwrap();
+        assert!(!cert_file(dir.path(), SERVER_WRONGHOST).exists());
+        for der in [&chain[0], &generated[0]] {
+            let (_, cert) = parse_x509_certificate(der).unwrap();
+            assert_eq!(cert.subject().to_string(), format!("CN={WRONG_HOST}"));
+            assert_eq!(dns_names(&cert), vec![format!("DNS:{WRONG_HOST}")]);
+            assert_eq!(cert.issuer(), ca.subject());
+            assert!(cert.verify_signature(Some(ca.public_key())).is_ok());
+            assert!(
+                cert.extended_key_usage()
+                    .unwrap()
+                    .unwrap()
+                    .value
+                    .server_auth
+            );
+        }
+        // The normal server certificate keeps its names.
+        let server_der = load_cert(&cert_file(dir.path(), SERVER)).unwrap();
+        let (_, server) = parse_x509_certificate(&server_der).unwrap();
+        assert!(dns_names(&server).contains(&"DNS:localhost".to_string()));
+    }
+
+    #[test]
+    fn ca_pairs_are_consistent_and_fresh() {
+        let (root, ca) = ca_pair("R", "I").unwrap();
+        let (_, r) = parse_x509_certificate(root.der()).unwrap();
+        let (_, i) = parse_x509_certificate(ca.der()).unwrap();
+        assert_eq!(r.subject().to_string(), "CN=R");
+        assert_eq!(i.issuer(), r.subject());
+        assert!(i.verify_signature(Some(r.public_key())).is_ok());
+        let (other_root, _) = ca_pair("R", "I").unwrap();
+        assert_ne!(root.der(), other_root.der());
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! `dps-sim serve`: loads the PKI, listens, announces the port in the ready file, accepts TLS
-//! connections (one task each) and stops cleanly when told to. The per-connection protocol
-//! lives in `mqtt.rs`, the service logic in `dps.rs`.
+//! `dps-sim serve`: loads the PKI, listens (DPS, and the IoT Hub when asked), announces the
+//! ports in the ready file, accepts connections (one task each), applies the connection-level
+//! faults (`hub-unreachable`, `mitm`) and stops cleanly when told to. The per-connection
+//! protocols live in `mqtt.rs` (DPS) and `hub_mqtt.rs`, the service logic in `dps.rs` and
+//! `hub.rs`.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -17,11 +20,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::dps::{Dps, DpsConfig};
 use crate::duration::HumanDuration;
-use crate::events::Events;
+use crate::events::{Events, Service};
 use crate::faults::{Fault, FaultSet, FaultSource};
+use crate::hub::{Hub, HubConfig};
 use crate::issue::CertIssuer;
-use crate::tls::{self, ClientChainValidator};
-use crate::{mqtt, pki};
+use crate::tls::{ClientChainValidator, ServerTls};
+use crate::{hub_mqtt, mqtt, pki};
 
 /// Time allowed for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +49,18 @@ pub struct ServeOptions {
     pub cert_validity: HumanDuration,
     pub faults: Vec<Fault>,
     pub control: Option<PathBuf>,
+    /// Port of the IoT Hub listener (0 = OS-chosen); `None` = no hub.
+    pub hub_port: Option<u16>,
+    /// Where the hub writes the device twins after every change.
+    pub twin_file: Option<PathBuf>,
+}
+
+/// The IoT Hub half of the simulator.
+#[derive(Debug)]
+pub struct HubSide {
+    pub hub: Hub,
+    /// Trusts only the issuing CA (`issuing-ca.pem`), as ADR syncs it to the hub.
+    pub validator: ClientChainValidator,
 }
 
 /// State shared by all connections.
@@ -53,13 +69,26 @@ pub struct Simulator {
     pub dps: Dps,
     pub events: Events,
     pub faults: FaultSource,
+    /// The enrollment's onboarding trust (`--trust-ca`).
     pub validator: ClientChainValidator,
     pub id_scope: String,
+    pub hub: Option<HubSide>,
+}
+
+/// What the accept path knows about a connection when MQTT starts.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Connection number (from 1, in accept order, shared by DPS and hub).
+    pub conn: u64,
+    /// The client's certificate chain as sent in the TLS handshake (leaf first).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The fault that chose the TLS server certificate (`mitm`), if any.
+    pub tls_fault: Option<Fault>,
 }
 
 /// Runs the simulator until `shutdown` completes.
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let tls_config = tls::server_config(&opts.pki).context("loading the TLS server identity")?;
+    let tls = ServerTls::load(&opts.pki).context("loading the TLS server identities")?;
     let trust = if opts.trust_ca.is_empty() {
         vec![pki::cert_file(&opts.pki, pki::BOOTSTRAP_ROOT)]
     } else {
@@ -68,6 +97,20 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> an
     let validator = ClientChainValidator::from_files(&trust)
         .context("loading the enrollment trust anchors (--trust-ca)")?;
     let issuer = CertIssuer::load(&opts.pki).context("loading the issuing CA")?;
+    let hub = match opts.hub_port {
+        None => None,
+        Some(_) => Some(HubSide {
+            hub: Hub::new(HubConfig {
+                hub_name: opts.assigned_hub.clone(),
+                twin_file: opts.twin_file.clone(),
+            }),
+            validator: ClientChainValidator::from_files(&[pki::cert_file(
+                &opts.pki,
+                pki::ISSUING_CA,
+            )])
+            .context("loading the hub's trust anchor (issuing-ca.pem)")?,
+        }),
+    };
     let events = match &opts.events {
         Some(path) => Events::to_file(path)
             .with_context(|| format!("cannot create the events file {}", path.display()))?,
@@ -87,52 +130,64 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> an
         faults: FaultSource::new(FaultSet::new(opts.faults.clone()), opts.control.clone()),
         validator,
         id_scope: opts.id_scope.clone(),
+        hub,
     });
 
-    let listener = TcpListener::bind((opts.listen, opts.mqtt_port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", opts.listen, opts.mqtt_port))?;
-    let local = listener
-        .local_addr()
-        .context("reading the listening address")?;
-    write_ready_file(&opts.ready_file, local.port())?;
+    let listener = bind(opts.listen, opts.mqtt_port).await?;
+    let hub_listener = match opts.hub_port {
+        Some(port) => Some(bind(opts.listen, port).await?),
+        None => None,
+    };
+    let dps_port = local_port(&listener)?;
+    let hub_port = hub_listener.as_ref().map(local_port).transpose()?;
+    write_ready_file(&opts.ready_file, dps_port, hub_port)?;
     eprintln!(
-        "dps-sim: listening on {local} (MQTT 3.1.1 over TLS), id scope {}, ready file {}",
+        "dps-sim: DPS listening on {}:{dps_port} (MQTT 3.1.1 over TLS), id scope {}, ready file {}",
+        opts.listen,
         opts.id_scope,
         opts.ready_file.display()
     );
+    if let Some(port) = hub_port {
+        eprintln!(
+            "dps-sim: IoT Hub {:?} listening on {}:{port} (MQTT 3.1.1 over TLS)",
+            opts.assigned_hub, opts.listen
+        );
+    }
 
-    let acceptor = TlsAcceptor::from(tls_config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut next_conn: u64 = 0;
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    next_conn += 1;
-                    tasks.spawn(connection(
-                        tcp,
-                        peer,
-                        next_conn,
-                        acceptor.clone(),
-                        sim.clone(),
-                        stop_rx.clone(),
-                    ));
-                }
-                Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    eprintln!("dps-sim: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => accepted.map(|a| (Service::Dps, a)),
+            accepted = accept_opt(hub_listener.as_ref()) => accepted.map(|a| (Service::Hub, a)),
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        match accepted {
+            Ok((service, (tcp, peer))) => {
+                next_conn += 1;
+                tasks.spawn(connection(
+                    service,
+                    tcp,
+                    peer,
+                    next_conn,
+                    tls.clone(),
+                    sim.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                eprintln!("dps-sim: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     eprintln!("dps-sim: shutting down");
     drop(listener);
+    drop(hub_listener);
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while tasks.join_next().await.is_some() {}
@@ -144,33 +199,70 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> an
     Ok(())
 }
 
+async fn bind(addr: IpAddr, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((addr, port))
+        .await
+        .with_context(|| format!("cannot listen on {addr}:{port}"))
+}
+
+fn local_port(listener: &TcpListener) -> anyhow::Result<u16> {
+    Ok(listener
+        .local_addr()
+        .context("reading the listening address")?
+        .port())
+}
+
+/// Accepts on `listener`, or waits forever when there is none.
+async fn accept_opt(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn connection(
+    service: Service,
     tcp: TcpStream,
     peer: SocketAddr,
     conn: u64,
-    acceptor: TlsAcceptor,
+    tls: ServerTls,
     sim: Arc<Simulator>,
     stop: watch::Receiver<bool>,
 ) {
+    let faults = sim.faults.current().await;
+    if service == Service::Hub && faults.contains(Fault::HubUnreachable) {
+        drop(tcp);
+        sim.events.emit(
+            service,
+            conn,
+            "disconnect",
+            json!({
+                "reason": "closed before the TLS handshake (hub-unreachable fault)",
+                "fault": Fault::HubUnreachable.name(),
+                "peer": peer.to_string(),
+            }),
+        );
+        return;
+    }
     let _ = tcp.set_nodelay(true);
+    let (config, tls_fault) = tls.for_faults(&faults);
+    let acceptor = TlsAcceptor::from(config);
+    let tls_error = |message: String| {
+        sim.events.emit(
+            service,
+            conn,
+            "tls_error",
+            json!({
+                "message": message,
+                "peer": peer.to_string(),
+                "fault": tls_fault.map(|f| f.name()),
+            }),
+        );
+    };
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            sim.events.emit(
-                conn,
-                "tls_error",
-                json!({"message": e.to_string(), "peer": peer.to_string()}),
-            );
-            return;
-        }
-        Err(_) => {
-            sim.events.emit(
-                conn,
-                "tls_error",
-                json!({"message": "TLS handshake timed out after 10 s", "peer": peer.to_string()}),
-            );
-            return;
-        }
+        Ok(Err(e)) => return tls_error(e.to_string()),
+        Err(_) => return tls_error("TLS handshake timed out after 10 s".into()),
     };
     let chain = stream
         .get_ref()
@@ -178,12 +270,47 @@ async fn connection(
         .peer_certificates()
         .map(<[_]>::to_vec)
         .unwrap_or_default();
-    mqtt::serve_connection(stream, conn, chain, &sim, stop).await;
+    let peer = Peer {
+        conn,
+        chain,
+        tls_fault,
+    };
+    match (service, &sim.hub) {
+        (Service::Dps, _) => mqtt::serve_connection(stream, peer, &sim, stop).await,
+        (Service::Hub, Some(hub)) => {
+            hub_mqtt::serve_connection(stream, peer, &sim, hub, stop).await;
+        }
+        // No hub listener exists without a hub.
+        (Service::Hub, None) => {}
+    }
 }
 
-/// Writes `{"mqtt_port": .., "pid": ..}` atomically (temp file + rename).
-pub fn write_ready_file(path: &Path, port: u16) -> anyhow::Result<()> {
-    let body = json!({"mqtt_port": port, "pid": std::process::id()}).to_string();
+/// Writes `{"mqtt_port": .., "hub_port": ..|null, "pid": ..}` atomically (temp file + rename).
+pub fn write_ready_file(path: &Path, port: u16, hub_port: Option<u16>) -> anyhow::Result<()> {
+    let body =
+        json!({"mqtt_port": port, "hub_port": hub_port, "pid": std::process::id()}).to_string();
     pki::write_atomic(path, body.as_bytes(), 0o644)
         .with_context(|| format!("cannot write the ready file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_file_with_and_without_hub() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ready.json");
+        write_ready_file(&path, 4000, None).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            json!({"mqtt_port": 4000, "hub_port": null, "pid": std::process::id()})
+        );
+        write_ready_file(&path, 4000, Some(4001)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["hub_port"], 4001);
+    }
 }

@@ -1,7 +1,8 @@
-//! TLS for the simulator: the server identity, a client-certificate verifier that requires a
-//! certificate and checks the handshake signature but accepts any chain, and the real chain
-//! validation done after the handshake, so an untrusted device gets an MQTT CONNACK 5 (as
-//! from DPS) instead of a TLS alert.
+//! TLS for the simulator: the server identities (the real one, and the wrong-host one the
+//! `mitm` fault presents, each served by a `ResolvesServerCert`), a client-certificate verifier
+//! that requires a certificate and checks the handshake signature but accepts any chain, and
+//! the real chain validation done after the handshake, so an untrusted device gets an MQTT
+//! CONNACK 5 (as from DPS or IoT Hub) instead of a TLS alert.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,12 +11,15 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
 use x509_parser::prelude::parse_x509_certificate;
 
+use crate::faults::{Fault, FaultSet};
+use crate::issue::sha256_hex;
 use crate::pki::{self, PkiError};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,18 +100,63 @@ impl ClientCertVerifier for AcceptAnyClientCert {
     }
 }
 
-/// Server config: `server.pem/.key` from the PKI directory, TLS 1.2 and 1.3, client
-/// certificate required (chain not judged here).
-pub fn server_config(pki_dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let cert = pki::load_certs(&pki::cert_file(pki_dir, pki::SERVER))?;
-    let key = pki::load_private_key(&pki::key_file(pki_dir, pki::SERVER))?;
-    let provider = provider();
+/// Presents one fixed identity to every client.
+#[derive(Debug)]
+struct Identity(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Identity {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The TLS server configurations: TLS 1.2 and 1.3, client certificate required (chain not
+/// judged here), presenting either `server.pem` or, under `mitm`, `server-wronghost.pem`.
+/// The identity is chosen per connection, from the faults active when it was accepted.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    normal: Arc<ServerConfig>,
+    wrong_host: Arc<ServerConfig>,
+}
+
+impl ServerTls {
+    /// Loads both identities from a PKI directory (the wrong-host one is generated in memory
+    /// if the directory predates it).
+    pub fn load(pki_dir: &Path) -> Result<Self, TlsError> {
+        let provider = provider();
+        let cert = pki::load_certs(&pki::cert_file(pki_dir, pki::SERVER))?;
+        let key = pki::load_private_key(&pki::key_file(pki_dir, pki::SERVER))?;
+        let normal = CertifiedKey::from_der(cert, key, &provider)
+            .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
+        let (cert, key) = pki::wrong_host_identity(pki_dir)?;
+        let wrong_host = CertifiedKey::from_der(cert, key, &provider)
+            .map_err(|e| TlsError::Config(format!("wrong-host certificate and key: {e}")))?;
+        Ok(ServerTls {
+            normal: config(provider.clone(), normal)?,
+            wrong_host: config(provider, wrong_host)?,
+        })
+    }
+
+    /// The configuration for a connection accepted while `faults` are active, and the fault
+    /// that chose it (`mitm`), if any.
+    pub fn for_faults(&self, faults: &FaultSet) -> (Arc<ServerConfig>, Option<Fault>) {
+        if faults.contains(Fault::Mitm) {
+            (self.wrong_host.clone(), Some(Fault::Mitm))
+        } else {
+            (self.normal.clone(), None)
+        }
+    }
+}
+
+fn config(
+    provider: Arc<CryptoProvider>,
+    identity: CertifiedKey,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(Arc::new(AcceptAnyClientCert { provider }))
-        .with_single_cert(cert, key)
-        .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
+        .with_cert_resolver(Arc::new(Identity(Arc::new(identity))));
     Ok(Arc::new(config))
 }
 
@@ -149,6 +198,36 @@ impl ClientChainValidator {
     }
 }
 
+/// Facts about a client's leaf certificate for the events file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertFacts {
+    /// notAfter, RFC 3339.
+    pub not_after: Option<String>,
+    /// Serial number, lowercase hex (as in `issued` events).
+    pub serial_hex: Option<String>,
+    /// Lowercase hex SHA-256 of the whole DER certificate (the thumbprint).
+    pub sha256: String,
+}
+
+/// [`CertFacts`] of a DER certificate; the fields that cannot be read are `None`.
+pub fn cert_facts(cert: &[u8]) -> CertFacts {
+    let parsed = parse_x509_certificate(cert).ok().map(|(_, c)| c);
+    CertFacts {
+        not_after: parsed.as_ref().and_then(|c| {
+            time::OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp())
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+        }),
+        serial_hex: parsed
+            .as_ref()
+            .map(|c| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect()),
+        sha256: sha256_hex(cert),
+    }
+}
+
 /// The subject CN of a DER certificate, if it has exactly one readable CN.
 pub fn common_name(cert: &[u8]) -> Option<String> {
     let (_, parsed) = parse_x509_certificate(cert).ok()?;
@@ -158,4 +237,121 @@ pub fn common_name(cert: &[u8]) -> Option<String> {
         return None;
     }
     Some(cn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
+    use rustls::server::ServerConnection;
+    use rustls::{ClientConfig, ClientConnection};
+    use rustls_pki_types::ServerName;
+
+    /// A client verifier that accepts any server certificate, so the test can look at it.
+    #[derive(Debug)]
+    struct AcceptAnyServer(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AcceptAnyServer {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// Runs the first TLS round trip against the server config `faults` select and returns
+    /// the certificate the server presented.
+    fn presented(tls: &ServerTls, faults: &FaultSet) -> (Vec<u8>, Option<Fault>) {
+        let (config, fault) = tls.for_faults(faults);
+        let client_config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider())))
+            .with_no_client_auth();
+        let mut client = ClientConnection::new(
+            Arc::new(client_config),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let mut server = ServerConnection::new(config).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        server.read_tls(&mut hello.as_slice()).unwrap();
+        server.process_new_packets().unwrap();
+        let mut flight = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut flight).unwrap();
+        }
+        client.read_tls(&mut flight.as_slice()).unwrap();
+        client.process_new_packets().unwrap();
+        let cert = client.peer_certificates().expect("server certificate")[0].to_vec();
+        (cert, fault)
+    }
+
+    #[test]
+    fn mitm_presents_the_wrong_host_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::generate(dir.path(), &[], false).unwrap();
+        let tls = ServerTls::load(dir.path()).unwrap();
+        let (cert, fault) = presented(&tls, &FaultSet::default());
+        assert_eq!(fault, None);
+        assert_eq!(common_name(&cert).as_deref(), Some("localhost"));
+        let (cert, fault) = presented(&tls, &FaultSet::new([Fault::Mitm]));
+        assert_eq!(fault, Some(Fault::Mitm));
+        assert_eq!(common_name(&cert).as_deref(), Some(pki::WRONG_HOST));
+        // Per connection: the next one without the fault is normal again.
+        let (cert, _) = presented(&tls, &FaultSet::default());
+        assert_eq!(common_name(&cert).as_deref(), Some("localhost"));
+    }
+
+    #[test]
+    fn cert_facts_of_a_certificate_and_of_junk() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::generate(dir.path(), &[], false).unwrap();
+        let der = pki::load_cert(&pki::cert_file(dir.path(), pki::SERVER)).unwrap();
+        let facts = cert_facts(&der);
+        assert_eq!(facts.serial_hex.as_ref().unwrap().len(), 32);
+        assert!(facts.not_after.unwrap().ends_with('Z'));
+        assert_eq!(facts.sha256, sha256_hex(&der));
+        let junk = cert_facts(b"junk");
+        assert_eq!((junk.not_after, junk.serial_hex), (None, None));
+    }
 }

@@ -1,303 +1,25 @@
 //! End-to-end: runs the `dps-sim` binary on an OS-chosen port with a freshly generated PKI
 //! and provisions through it with a small rumqttc client, as a device would.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use common::*;
 use dps_sim::pki;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, PKCS_ECDSA_P384_SHA384,
 };
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS,
-    TlsConfiguration, Transport,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rumqttc::{ConnectReturnCode, ConnectionError, Event, Packet, QoS};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::RootCertStore;
 use serde_json::{json, Value};
 use x509_parser::prelude::parse_x509_certificate;
-
-const REG: &str = "gw-0001";
-const SCOPE: &str = "0ne00000000";
-const API: &str = "2025-07-01-preview";
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_dps-sim")
-}
-
-/// A running simulator; killed (by its own pid) when dropped.
-struct Sim {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Sim {
-    fn start(dir: &Path, extra: &[&str]) -> Sim {
-        let ready = dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let child = Command::new(bin())
-            .arg("serve")
-            .arg("--pki")
-            .arg(dir)
-            .arg("--ready-file")
-            .arg(&ready)
-            .arg("--events")
-            .arg(dir.join("events.jsonl"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start dps-sim");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let port = loop {
-            if let Ok(text) = std::fs::read_to_string(&ready) {
-                let v: Value = serde_json::from_str(&text).expect("ready file is JSON");
-                assert_eq!(v["pid"], child.id());
-                break u16::try_from(v["mqtt_port"].as_u64().unwrap()).unwrap();
-            }
-            assert!(Instant::now() < deadline, "dps-sim did not become ready");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert_ne!(port, 0);
-        Sim {
-            child,
-            dir: dir.to_path_buf(),
-            port,
-        }
-    }
-
-    /// Waits (up to 10 s) until `count` events of kind `event` have been written.
-    fn wait_for(&self, event: &str, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.events().iter().filter(|e| e["event"] == event).count() < count {
-            assert!(
-                Instant::now() < deadline,
-                "no {event} event: {:#?}",
-                self.events()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.join("events.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("event line is JSON"))
-            .collect()
-    }
-
-    /// SIGTERM, then expect a clean exit.
-    fn stop(mut self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "dps-sim exit status {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "dps-sim ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn make_pki(dir: &Path) {
-    let status = Command::new(bin())
-        .args(["pki", "--out"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn key_der(pem: &str) -> PrivateKeyDer<'static> {
-    let key = KeyPair::from_pem(pem).unwrap();
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
-}
-
-fn tls_config(
-    dir: &Path,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(pki::load_cert(&pki::cert_file(dir, pki::SERVER_CA)).unwrap())
-        .unwrap();
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-    Arc::new(config)
-}
-
-fn device_tls(dir: &Path) -> Arc<ClientConfig> {
-    let chain = pki::load_certs(&pki::device_full_chain_file(dir, REG)).unwrap();
-    let key = std::fs::read_to_string(pki::key_file(dir, &pki::device_stem(REG))).unwrap();
-    tls_config(dir, chain, key_der(&key))
-}
-
-fn client(
-    port: u16,
-    client_id: &str,
-    username: &str,
-    tls: Arc<ClientConfig>,
-) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(client_id, "localhost", port);
-    opts.set_credentials(username, "");
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(96 * 1024, 96 * 1024);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    AsyncClient::new(opts, 10)
-}
-
-fn username(reg: &str) -> String {
-    format!("{SCOPE}/registrations/{reg}/api-version={API}&ClientVersion=dps-sim-test%2F1")
-}
-
-/// The status and properties of a response topic.
-fn parse_response(topic: &str) -> (u16, Vec<(String, String)>) {
-    let rest = topic
-        .strip_prefix("$dps/registrations/res/")
-        .expect("response topic");
-    let (status, query) = rest.split_once("/?").expect("topic properties");
-    (
-        status.parse().unwrap(),
-        dps_sim::topics::parse_query(query).unwrap(),
-    )
-}
-
-/// Runs register -> polls until a 200, re-sending after 429 like a device would.
-/// Returns every (status, body) seen, in order.
-async fn provision(
-    client: &AsyncClient,
-    eventloop: &mut EventLoop,
-    body: Value,
-) -> Vec<(u16, Value)> {
-    let mut seen = Vec::new();
-    let mut rid = 0u32;
-    let mut operation: Option<String> = None;
-    client
-        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        match eventloop.poll().await.expect("MQTT connection") {
-            Event::Incoming(Packet::SubAck(ack)) => {
-                assert_eq!(
-                    ack.return_codes,
-                    vec![rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-                );
-                rid += 1;
-                client
-                    .publish(
-                        format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
-                        QoS::AtLeastOnce,
-                        false,
-                        body.to_string(),
-                    )
-                    .await
-                    .unwrap();
-            }
-            Event::Incoming(Packet::Publish(p)) => {
-                let (status, props) = parse_response(&p.topic);
-                assert!(props
-                    .iter()
-                    .any(|(k, v)| k == "$rid" && *v == rid.to_string()));
-                let payload: Value = serde_json::from_slice(&p.payload).unwrap();
-                seen.push((status, payload.clone()));
-                rid += 1;
-                match status {
-                    200 => return seen,
-                    202 => {
-                        operation = payload["operationId"].as_str().map(str::to_string);
-                    }
-                    429 if operation.is_none() => {
-                        client
-                            .publish(
-                                format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
-                                QoS::AtLeastOnce,
-                                false,
-                                body.to_string(),
-                            )
-                            .await
-                            .unwrap();
-                        continue;
-                    }
-                    429 => {}
-                    other => panic!("unexpected status {other}: {payload}"),
-                }
-                // Properties in the other order than the docs show, to exercise the parser.
-                client
-                    .publish(
-                        format!(
-                            "$dps/registrations/GET/iotdps-get-operationstatus/?operationId={}&$rid={rid}",
-                            operation.as_deref().unwrap()
-                        ),
-                        QoS::AtLeastOnce,
-                        false,
-                        " ",
-                    )
-                    .await
-                    .unwrap();
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Expects the connection to be refused with the given code.
-async fn expect_refused(eventloop: &mut EventLoop, code: ConnectReturnCode) {
-    let result = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(_) => continue,
-                Err(e) => return e,
-            }
-        }
-    })
-    .await
-    .expect("connection outcome within 20 s");
-    match result {
-        ConnectionError::ConnectionRefused(got) => assert_eq!(got, code),
-        other => panic!("expected CONNACK {code:?}, got {other}"),
-    }
-}
-
-fn csr_for(cn: &str) -> (KeyPair, String) {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, cn);
-    params.distinguished_name = dn;
-    let csr = params.serialize_request(&key).unwrap();
-    (key, STANDARD.encode(csr.der()))
-}
 
 #[tokio::test]
 async fn provisions_with_csr_and_returns_a_chain_that_verifies() {
@@ -550,5 +272,142 @@ async fn throttle_fault_from_control_file_then_recovery() {
     assert_eq!(responses[0]["status"], 429);
     assert_eq!(responses[0]["retry_after"], 0);
     assert_eq!(responses[0]["fault"], "throttle");
+    sim.stop();
+}
+
+#[tokio::test]
+async fn drop_after_register_once_then_the_reconnect_provisions() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let sim = Sim::start(
+        dir.path(),
+        &["--retry-after", "0", "--fault", "drop-after-register"],
+    );
+    assert_eq!(sim.hub_port, None);
+
+    // First attempt: the register gets neither PUBACK nor answer; the connection just ends.
+    let (client1, mut ev1) = client(sim.port, REG, &username(REG), device_tls(dir.path()));
+    client1
+        .subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ev1.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    client1
+                        .publish(
+                            "$dps/registrations/PUT/iotdps-register/?$rid=1",
+                            QoS::AtLeastOnce,
+                            false,
+                            "{}",
+                        )
+                        .await
+                        .unwrap();
+                }
+                Ok(Event::Incoming(Packet::PubAck(_) | Packet::Publish(_))) => {
+                    panic!("the dropped register was answered")
+                }
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("connection lost within 20 s");
+    assert!(
+        !matches!(err, ConnectionError::ConnectionRefused(_)),
+        "{err}"
+    );
+
+    // The reconnect provisions normally.
+    let (client2, mut ev2) = client(sim.port, REG, &username(REG), device_tls(dir.path()));
+    let seen = tokio::time::timeout(
+        Duration::from_secs(30),
+        provision(&client2, &mut ev2, json!({})),
+    )
+    .await
+    .expect("provisioned within 30 s");
+    assert_eq!(seen.last().unwrap().0, 200);
+
+    let responses: Vec<Value> = sim
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "response")
+        .collect();
+    assert_eq!(responses[0]["status"], Value::Null);
+    assert_eq!(responses[0]["fault"], "drop-after-register");
+    assert_eq!(responses[1]["status"], 202);
+    sim.stop();
+}
+
+#[tokio::test]
+async fn oversize_response_exceeds_a_96k_client_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let sim = Sim::start(
+        dir.path(),
+        &[
+            "--retry-after",
+            "0",
+            "--polls-before-assign",
+            "0",
+            "--fault",
+            "oversize-response",
+        ],
+    );
+    let (c, mut ev) = client(sim.port, REG, &username(REG), device_tls(dir.path()));
+    c.subscribe("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut sent_poll = false;
+    let err = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    c.publish(
+                        "$dps/registrations/PUT/iotdps-register/?$rid=1",
+                        QoS::AtLeastOnce,
+                        false,
+                        "{}",
+                    )
+                    .await
+                    .unwrap();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if !sent_poll => {
+                    let op: Value = serde_json::from_slice(&p.payload).unwrap();
+                    c.publish(
+                        format!(
+                            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={}",
+                            op["operationId"].as_str().unwrap()
+                        ),
+                        QoS::AtLeastOnce,
+                        false,
+                        "",
+                    )
+                    .await
+                    .unwrap();
+                    sent_poll = true;
+                }
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("outcome within 20 s");
+    assert!(
+        err.to_string().to_lowercase().contains("size")
+            || matches!(err, ConnectionError::MqttState(_)),
+        "{err}"
+    );
+    sim.wait_for("response", 2);
+    let responses: Vec<Value> = sim
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "response")
+        .collect();
+    assert_eq!(responses[1]["status"], 200);
+    assert_eq!(responses[1]["fault"], "oversize-response");
     sim.stop();
 }
