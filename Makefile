@@ -7,7 +7,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build, the tests and the demo need (one list, used by `deps`).
 DEB_PACKAGES := build-essential pkg-config libtss2-dev openssl ca-certificates \
-  swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc gnutls-bin \
+  swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc opensc-pkcs11 gnutls-bin \
   mosquitto mosquitto-clients dbus-daemon libglib2.0-bin systemd lintian python3-venv
 
 .PHONY: help deps toolchain build demo test unit e2e lint clean

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end, on this machine: make a test PKI, start the DPS
 # simulator on a free loopback port, provision with dps-agent, show the result.
-# Everything lives under target/demo/ and the simulator is stopped on exit.
+# The operational key lives in a TPM (swtpm, the demo's embedded default).
+# Everything lives under target/demo/; the simulator and swtpm are stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/debug}
@@ -27,6 +28,30 @@ for _ in $(seq 100); do [ -s "$DEMO/sim.ready" ] && break; sleep 0.1; done
 port=$(sed -n 's/.*"mqtt_port": *\([0-9]*\).*/\1/p' "$DEMO/sim.ready")
 echo "dps-sim listening on localhost:$port"
 
+say "2b. A TPM 2.0 for the operational key: swtpm on free loopback ports (control port = port + 1), state in $DEMO/tpm"
+mkdir -p "$DEMO/tpm"
+tpm_port=
+for _ in $(seq 20); do
+  p=$(( RANDOM % 20000 + 30000 ))
+  # Skip ports something already listens on.
+  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then continue; fi
+  swtpm socket --tpm2 --server "type=tcp,port=$p,bindaddr=127.0.0.1" --ctrl "type=tcp,port=$((p + 1)),bindaddr=127.0.0.1" \
+    --tpmstate "dir=$DEMO/tpm" --flags not-need-init,startup-clear --log "file=$DEMO/swtpm.log" &
+  spid=$!
+  for _ in $(seq 50); do
+    kill -0 "$spid" 2>/dev/null || break
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && kill -0 "$spid" 2>/dev/null; then tpm_port=$p; break; fi
+    sleep 0.1
+  done
+  if [ -n "$tpm_port" ]; then pids+=("$spid"); break; fi
+  kill "$spid" 2>/dev/null || true; wait "$spid" 2>/dev/null || true
+done
+[ -n "$tpm_port" ] || { echo "swtpm did not start:"; cat "$DEMO/swtpm.log"; exit 1; }
+TCTI="swtpm:host=127.0.0.1,port=$tpm_port"
+# libtss2 logs expected probe failures on stderr; keep the demo output readable.
+export TSS2_LOG=all+NONE TPM2TOOLS_TCTI="$TCTI"
+echo "swtpm listening on 127.0.0.1:$tpm_port; [tpm] tcti = \"$TCTI\""
+
 say "3. The agent's config"
 cat >"$DEMO/config.toml" <<EOF
 [dps]
@@ -41,8 +66,11 @@ identity_cert = "$DEMO/pki/device-gw-0001-full-chain.pem"
 identity_key = "file:$DEMO/pki/device-gw-0001.key"
 
 [operational]
-key_backend = "file"
+key_backend = "tpm"
 key_algorithm = "ecdsa-p384"
+
+[tpm]
+tcti = "$TCTI"
 
 [state]
 dir = "$DEMO/state"
@@ -50,8 +78,11 @@ EOF
 cat "$DEMO/config.toml"
 "$BIN/dps-agent" --config "$DEMO/config.toml" check-config
 
-say "4. Provision: fresh P-384 key, CSR, DPS registration over MQTT, chain checks, atomic commit"
+say "4. Provision: fresh P-384 key in the TPM, CSR, DPS registration over MQTT, chain checks, atomic commit"
 "$BIN/dps-agent" --config "$DEMO/config.toml" run --once
+echo "the operational key (a TPM-wrapped blob; the private key never left the TPM):"
+ls -l "$DEMO"/state/keys/*.tss2.pem | sed 's/^/  /'
+echo "transient objects left in the TPM: [$(tpm2_getcap handles-transient | tr -d '\n')]"
 
 say "5. Status"
 "$BIN/dps-agent" --config "$DEMO/config.toml" status

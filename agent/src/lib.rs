@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod bootstrap;
+pub mod bus;
 pub mod chain;
 pub mod clock;
 pub mod config;

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 
+use dps_agent::bus;
 use dps_agent::clock::{self, rfc3339};
 use dps_agent::config::{self, Config};
 use dps_agent::csr::Csr;
@@ -129,8 +130,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // `{:#}` prints the whole chain of causes on one line.
-            eprintln!("dps-agent: error: {e:#}");
+            // The whole chain of causes, on one line.
+            eprintln!("dps-agent: error: {}", causes(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -146,8 +147,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Status { json } => {
             let c = Config::load(&cli.config)?;
-            let store = Store::open_read_only(&c.state.dir);
-            let status = Status::from_store(&c.dps.registration_id, &store, clock::now());
+            let from_daemon = runtime()?
+                .block_on(bus::client::fetch_status(&c.dbus.bus))
+                .unwrap_or_else(|e| {
+                    log::debug!("no bus: {e}");
+                    None
+                });
+            let status = match from_daemon {
+                Some(s) => s,
+                None => {
+                    if !json {
+                        eprintln!(
+                            "(no dps-agent daemon answered on the {} bus; read from {})",
+                            bus::describe(&c.dbus.bus),
+                            c.state.dir.display()
+                        );
+                    }
+                    let store = Store::open_read_only(&c.state.dir);
+                    Status::from_store(&c.dps.registration_id, &store, clock::now())
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -196,6 +215,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Renew => {
             let c = Config::load(&cli.config)?;
+            match runtime()?.block_on(bus::client::request_renewal(&c.dbus.bus)) {
+                Ok(true) => {
+                    println!("the daemon is renewing now; follow it with `dps-agent status`");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Ok(false) => {}
+                Err(e @ (bus::BusError::Other(_) | bus::BusError::Call(_))) => return Err(e.into()),
+                Err(e) => log::debug!("no bus: {e}"),
+            }
+            // No daemon on the bus: signal the one of this state directory.
             let pid = daemon::running_daemon(&c.state.dir).with_context(|| {
                 format!(
                     "no dps-agent daemon is running for {} (start it with `systemctl start dps-agent`)",
@@ -225,7 +254,18 @@ fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
         let agent = Arc::new(Agent::open(config)?);
         // Signal handlers first: a SIGHUP must never find the default action.
         let (tx, rx) = mpsc::channel(8);
-        forward_signals(tx)?;
+        forward_signals(tx.clone())?;
+        let bus_name = bus::describe(&agent.config().dbus.bus);
+        let _bus = match bus::serve(&agent.config().dbus.bus, agent.status(), tx).await {
+            Ok(conn) => {
+                log::info!("serving {} on the {bus_name} bus", bus::BUS_NAME);
+                Some(conn)
+            }
+            Err(e) => {
+                log::warn!("{e}; local apps cannot query the agent over D-Bus, provisioning and renewal go on");
+                None
+            }
+        };
         let pid_file = daemon::write_pid_file(agent.store().dir())
             .context("writing the pid file in the state directory")?;
         log::info!(
@@ -302,7 +342,7 @@ fn run_once(config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("dps-agent: error: provisioning failed: {e}");
+            eprintln!("dps-agent: error: provisioning failed: {}", causes(&e));
             log::debug!("details: {e:?}");
             Ok(if e.is_transient() {
                 ExitCode::from(EXIT_TEMPFAIL)
@@ -328,6 +368,22 @@ fn key_backends(config: &Path) -> Keys {
         }
     };
     Keys::new(settings)
+}
+
+/// An error and its causes on one line, each cause shown once (a message that
+/// already quotes its cause is not followed by it again).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 fn init_logging(level: log::LevelFilter) {

@@ -378,7 +378,7 @@ fn redacted(uri: &str) -> String {
 }
 
 fn operational(cx: &Ctx, o: RawOperational) -> Result<OperationalConfig, ConfigError> {
-    let backend_name = o.key_backend.unwrap_or_else(|| "file".to_string());
+    let backend_name = o.key_backend.unwrap_or_else(|| "tpm".to_string());
     let key_backend = Backend::from_name(&backend_name).ok_or_else(|| {
         cx.bad(
             "operational.key_backend",
@@ -525,6 +525,28 @@ fn cross_checks(cx: &Ctx, c: &Config) -> Result<(), ConfigError> {
         return Err(cx.missing(
             "pkcs11.module",
             "operational.key_backend = \"pkcs11\" needs the PKCS#11 module path",
+        ));
+    }
+    if c.operational.key_backend == Backend::Pkcs11
+        && c.pkcs11.token_label.is_none()
+        && c.pkcs11.token_serial.is_none()
+    {
+        return Err(cx.missing(
+            "pkcs11.token_label",
+            "operational.key_backend = \"pkcs11\" needs the token: set token_label (or token_serial); `pkcs11-tool --module MODULE --list-token-slots` lists them",
+        ));
+    }
+    let identity_key = match &c.dps.attestation {
+        Attestation::X509 { identity_key, .. } => Some(identity_key),
+    };
+    if identity_key.is_some_and(|k| {
+        k.backend() == Backend::Pkcs11
+            && c.pkcs11.module.is_none()
+            && !k.as_str().contains("module-path=")
+    }) {
+        return Err(cx.missing(
+            "pkcs11.module",
+            "dps.attestation.identity_key is a pkcs11: URI; name the PKCS#11 module here (or add ?module-path=… to the URI)",
         ));
     }
     Ok(())

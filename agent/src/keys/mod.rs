@@ -6,6 +6,8 @@
 //! something returns [`KeyError::Unsupported`]; nothing here panics on bad input.
 
 pub mod file;
+pub mod pkcs11;
+pub mod tpm;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -319,6 +321,10 @@ pub enum KeyError {
     BadName(String),
     #[error("signing with {uri} failed: {reason}")]
     Sign { uri: String, reason: String },
+    #[error(transparent)]
+    Pkcs11(Box<pkcs11::Pkcs11Error>),
+    #[error(transparent)]
+    Tpm(#[from] tpm::TpmError),
 }
 
 /// Checks a key name given to [`KeyStore::generate`].
@@ -376,12 +382,18 @@ impl KeySettings {
 pub struct Keys {
     settings: KeySettings,
     file: Arc<file::FileKeyStore>,
+    /// PKCS#11 tokens, each opened on first use (see [`pkcs11::Pkcs11Stores`]).
+    pkcs11: pkcs11::Pkcs11Stores,
+    /// Connected on first use (see [`tpm::SharedTpm`]).
+    tpm: tpm::SharedTpm,
 }
 
 impl Keys {
     pub fn new(settings: KeySettings) -> Keys {
         Keys {
             file: Arc::new(file::FileKeyStore::new(&settings.key_dir)),
+            pkcs11: pkcs11::Pkcs11Stores::new(settings.pkcs11.clone()),
+            tpm: tpm::SharedTpm::new(&settings.tcti, &settings.key_dir),
             settings,
         }
     }
@@ -394,11 +406,8 @@ impl Keys {
     pub fn store(&self, backend: Backend) -> Result<Arc<dyn KeyStore>, KeyError> {
         match backend {
             Backend::File => Ok(self.file.clone()),
-            other => Err(KeyError::Unsupported {
-                backend: other,
-                what: "making keys".into(),
-                hint: " in this version; set [operational] key_backend = \"file\"".into(),
-            }),
+            Backend::Pkcs11 => Ok(self.pkcs11.default_store()?),
+            Backend::Tpm => Ok(self.tpm.get()?),
         }
     }
 
@@ -407,11 +416,8 @@ impl Keys {
     pub fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
         match uri.backend() {
             Backend::File => self.file.open(uri),
-            other => Err(KeyError::Unsupported {
-                backend: other,
-                what: format!("opening {uri}"),
-                hint: " in this version".into(),
-            }),
+            Backend::Pkcs11 => self.pkcs11.open(uri),
+            Backend::Tpm => self.tpm.get()?.open(uri),
         }
     }
 
@@ -446,11 +452,11 @@ impl Keys {
                     .ok_or_else(|| bad("the file name must end in .key"))?;
                 file::FileKeyStore::new(dir).generate(name, algorithm)
             }
-            other => Err(KeyError::Unsupported {
-                backend: other,
-                what: "making onboarding keys".into(),
-                hint: " in this version".into(),
-            }),
+            Backend::Tpm => self
+                .tpm
+                .get()?
+                .generate_file(Path::new(location), algorithm),
+            Backend::Pkcs11 => self.pkcs11.generate_at(location, algorithm),
         }
     }
 }

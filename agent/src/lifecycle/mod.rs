@@ -232,6 +232,10 @@ impl Agent {
                 }
             );
         }
+        if let Some(id) = &identity {
+            // A crash between the commit and the export leaves an old export.
+            self.store.export_chain(id)?;
+        }
         self.delete_unused_keys(identity.as_ref().map(|id| &id.key_uri));
         let has_identity = identity.is_some();
         self.update(|r| {

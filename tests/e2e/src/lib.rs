@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod daemon;
+pub mod dbus;
 pub mod softhsm;
 pub mod swtpm;
 

@@ -1,0 +1,693 @@
+//! The `pkcs11` key backend (cryptoki): keys made and used inside a PKCS#11
+//! token such as an HSM, a smart card or SoftHSM2, named by RFC 7512 URIs
+//! (`pkcs11:token=…;object=…;id=%…;type=private`).
+//!
+//! Key pairs are generated in the token (EC P-256/P-384, the private half
+//! sensitive and never extractable, see `template`), each with a random
+//! 16-byte CKA_ID and CKA_LABEL = its name. Operational keys carry the label
+//! `NAME.pending` until [`KeyStore::commit`] renames them to `NAME`. Signing is
+//! CKM_ECDSA over the caller's digest; the public key is read from the token's
+//! public-key object. The private key never leaves the token, and the PIN never
+//! appears in a log line, an error or a `Debug` string.
+//!
+//! [`Pkcs11Stores`] is what `keys::Keys` holds: it opens one store per token on
+//! first use and shares it. Modules are initialised once per process (`token`).
+
+mod error;
+mod pin;
+mod public_key;
+mod template;
+mod token;
+pub mod uri;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cryptoki::error::RvError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+pub use error::{Pkcs11Error, TokenList, TokenSummary};
+pub use pin::{check_pin_file, Pin, PinSource, CREDENTIAL_NAME};
+pub use token::TokenFilter;
+pub use uri::{ObjectType, PathAttr, Pkcs11Uri, QueryAttr, UriError};
+
+use super::{
+    check_key_name, ecdsa_raw_to_der, Backend, Key, KeyAlgorithm, KeyError, KeyStore, KeyUri,
+    SignScheme,
+};
+use crate::config::Pkcs11Config;
+use token::{Module, Token, TokenError};
+
+/// Label suffix of a key made by [`KeyStore::generate`] and not yet committed.
+pub const PENDING_SUFFIX: &str = ".pending";
+/// Labels of operational keys start with this (see `lifecycle`).
+const OPERATIONAL_PREFIX: &str = "op-";
+/// Length of the random CKA_ID given to each new key.
+const ID_LEN: usize = 16;
+
+impl From<Pkcs11Error> for KeyError {
+    fn from(e: Pkcs11Error) -> KeyError {
+        KeyError::Pkcs11(Box::new(e))
+    }
+}
+
+/// The PKCS#11 stores of a process: one per token, opened on first use and
+/// shared (a module has one initialisation per process, a token one session).
+pub struct Pkcs11Stores {
+    config: Pkcs11Config,
+    stores: Mutex<Vec<Arc<Pkcs11KeyStore>>>,
+}
+
+impl Pkcs11Stores {
+    pub fn new(config: Pkcs11Config) -> Self {
+        Pkcs11Stores {
+            config,
+            stores: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn config_filter(&self) -> TokenFilter {
+        TokenFilter {
+            label: self.config.token_label.clone(),
+            serial: self.config.token_serial.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The store of the token in `[pkcs11]`, where operational keys are made.
+    pub fn default_store(&self) -> Result<Arc<Pkcs11KeyStore>, KeyError> {
+        let module = self.config.module.clone().ok_or(Pkcs11Error::NoModule)?;
+        self.store_for(&module, self.config_filter(), None)
+    }
+
+    /// Opens a key by URI. The module is the URI's `module-path` or
+    /// `[pkcs11] module`; the token is the one the URI names (token, serial,
+    /// …) or, if it names none, the one in `[pkcs11]`.
+    pub fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
+        let parsed = parse_key_uri(uri)?;
+        let module = parsed
+            .query_text(&QueryAttr::ModulePath)
+            .map(PathBuf::from)
+            .or_else(|| self.config.module.clone())
+            .ok_or(Pkcs11Error::NoModule)?;
+        let filter = if parsed.selects_token() {
+            filter_of(&parsed)
+        } else {
+            self.config_filter()
+        };
+        let store = self.store_for(&module, filter, Some(&parsed))?;
+        store.open_parsed(uri, &parsed)
+    }
+
+    /// Makes an onboarding key labelled `label` in the `[pkcs11]` token
+    /// (`dps-agent keygen --backend pkcs11 --out LABEL`). Refuses a label
+    /// that a private key in the token already has.
+    pub fn generate_at(&self, label: &str, algorithm: KeyAlgorithm) -> Result<KeyUri, KeyError> {
+        check_key_name(label)?;
+        self.default_store()?.generate_labeled(label, algorithm)
+    }
+
+    fn store_for(
+        &self,
+        module_path: &Path,
+        filter: TokenFilter,
+        uri: Option<&Pkcs11Uri>,
+    ) -> Result<Arc<Pkcs11KeyStore>, KeyError> {
+        let module = Module::load(module_path)?;
+        if let Some(uri) = uri {
+            check_library(&module, uri)?;
+        }
+        let selected = filter.select(module.path(), &module.tokens()?)?;
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = stores
+            .iter()
+            .find(|s| Arc::ptr_eq(s.token.module(), &module) && *s.token.summary() == selected.1)
+        {
+            return Ok(s.clone());
+        }
+        let pin = PinSource::from_env(
+            uri.and_then(Pkcs11Uri::pin_value),
+            uri.and_then(|u| u.query_text(&QueryAttr::PinSource)),
+            self.config.pin_file.as_deref(),
+        )?;
+        let serial_in_uris = filter.serial.is_some();
+        let store = Arc::new(Pkcs11KeyStore {
+            token: Arc::new(Token::new(module, filter, selected, pin)),
+            serial_in_uris,
+        });
+        stores.push(store.clone());
+        Ok(store)
+    }
+}
+
+/// The token attributes of a URI.
+fn filter_of(uri: &Pkcs11Uri) -> TokenFilter {
+    let text = |a: PathAttr| uri.text(&a).map(str::to_string);
+    TokenFilter {
+        label: text(PathAttr::Token),
+        serial: text(PathAttr::Serial),
+        manufacturer: text(PathAttr::Manufacturer),
+        model: text(PathAttr::Model),
+        slot_id: uri.slot_id(),
+        slot_description: text(PathAttr::SlotDescription),
+        slot_manufacturer: text(PathAttr::SlotManufacturer),
+    }
+}
+
+/// A URI's `library-*` attributes must describe the module.
+fn check_library(module: &Module, uri: &Pkcs11Uri) -> Result<(), KeyError> {
+    let wanted = [
+        PathAttr::LibraryManufacturer,
+        PathAttr::LibraryDescription,
+        PathAttr::LibraryVersion,
+    ];
+    if wanted.iter().all(|a| uri.text(a).is_none()) {
+        return Ok(());
+    }
+    let info = module
+        .ctx()
+        .get_library_info()
+        .map_err(|e| Pkcs11Error::from_call("(any)", "read the module information", e))?;
+    let version = info.library_version();
+    let have = [
+        info.manufacturer_id().trim_end().to_string(),
+        info.library_description().trim_end().to_string(),
+        format!("{}.{}", version.major(), version.minor()),
+    ];
+    for (attr, have) in wanted.iter().zip(have) {
+        let Some(want) = uri.text(attr) else { continue };
+        let same = if *attr == PathAttr::LibraryVersion && !want.contains('.') {
+            have.split('.').next() == Some(want)
+        } else {
+            want == have
+        };
+        if !same {
+            return Err(KeyError::NotFound {
+                uri: uri.to_redacted_string(),
+                hint: format!(
+                    ": the URI asks for {}={want:?} but the module {} has {have:?}",
+                    attr.name(),
+                    module.path().display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn parse_key_uri(uri: &KeyUri) -> Result<Pkcs11Uri, KeyError> {
+    Pkcs11Uri::parse(uri.as_str()).map_err(|e| KeyError::BadUri {
+        uri: uri.redacted(),
+        reason: e.reason().to_string(),
+    })
+}
+
+/// Keys in one token.
+pub struct Pkcs11KeyStore {
+    token: Arc<Token>,
+    /// Whether the URIs this store prints name the token's serial too (when
+    /// `[pkcs11] token_serial` chose the token).
+    serial_in_uris: bool,
+}
+
+/// How a URI names a private key: its label, its id, or both.
+struct Locator {
+    label: Option<String>,
+    id: Option<Vec<u8>>,
+}
+
+impl Locator {
+    /// The object a URI names; refuses URIs that name none, name another
+    /// kind of object, or carry path attributes we do not understand.
+    fn of(uri: &KeyUri, p: &Pkcs11Uri, allow_public: bool) -> Result<Locator, KeyError> {
+        let bad = |reason: String| -> KeyError {
+            Pkcs11Error::BadKey {
+                uri: uri.redacted(),
+                reason,
+            }
+            .into()
+        };
+        let unknown = p.unknown_path_attributes();
+        if !unknown.is_empty() {
+            return Err(bad(format!(
+                "it has the attribute(s) {} that dps-agent does not understand; RFC 7512 makes such a URI match no object: remove them",
+                unknown.join(", ")
+            )));
+        }
+        match p.object_type() {
+            None | Some(ObjectType::Private) => {}
+            Some(ObjectType::Public) if allow_public => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "type={} names no private key; a key URI has type=private (or no type)",
+                    other.name()
+                )))
+            }
+        }
+        let label = p.text(&PathAttr::Object).map(str::to_string);
+        let id = p.id().map(<[u8]>::to_vec);
+        if label.is_none() && id.is_none() {
+            return Err(bad(
+                "it names no object; add object=LABEL and/or id=%… (p11tool --list-privkeys prints them)"
+                    .into(),
+            ));
+        }
+        Ok(Locator { label, id })
+    }
+}
+
+impl Pkcs11KeyStore {
+    /// The token this store works in.
+    pub fn token(&self) -> &TokenSummary {
+        self.token.summary()
+    }
+
+    fn key_uri(&self, label: &str, id: &[u8]) -> Result<KeyUri, KeyError> {
+        let t = self.token.summary();
+        let serial = self.serial_in_uris.then_some(t.serial.as_str());
+        KeyUri::parse(&Pkcs11Uri::for_private_key(&t.label, serial, label, id).to_string())
+    }
+
+    fn not_found(&self, uri: &KeyUri) -> KeyError {
+        KeyError::NotFound {
+            uri: uri.redacted(),
+            hint: format!(
+                " in token {} (module {}); list its keys with: pkcs11-tool --module {} --token-label {:?} --login --list-objects --type privkey",
+                self.token.name(),
+                self.token.module().path().display(),
+                self.token.module().path().display(),
+                self.token.summary().label
+            ),
+        }
+    }
+
+    /// The URI must be for this store's token.
+    fn check_token(&self, uri: &KeyUri, p: &Pkcs11Uri) -> Result<(), KeyError> {
+        if p.selects_token() && !filter_of(p).matches(self.token.summary()) {
+            return Err(Pkcs11Error::BadKey {
+                uri: uri.redacted(),
+                reason: format!(
+                    "it names another token than this store's ({})",
+                    self.token.name()
+                ),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Makes a key pair labelled `label` (checked by the caller).
+    fn generate_labeled(&self, label: &str, algorithm: KeyAlgorithm) -> Result<KeyUri, KeyError> {
+        let id: [u8; ID_LEN] = rand::random();
+        let token = &self.token;
+        token.with_session("make a key pair", |s, _| {
+            let taken = s
+                .find_objects(&template::find(ObjectClass::PRIVATE_KEY, Some(label), None))
+                .map_err(token.call("search the token"))?;
+            if !taken.is_empty() {
+                return Err(Pkcs11Error::LabelTaken {
+                    token: token.name(),
+                    label: label.to_string(),
+                    module: token.module().path().to_path_buf(),
+                });
+            }
+            s.generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &template::public_key(algorithm, label, &id),
+                &template::private_key(label, &id),
+            )
+            .map_err(token.call("make a key pair"))?;
+            Ok(())
+        })?;
+        log::debug!(
+            "made a {algorithm} key pair labelled {label:?} in token {}",
+            token.name()
+        );
+        self.key_uri(label, &id)
+    }
+
+    /// The one private key `loc` names.
+    fn find_private(
+        &self,
+        uri: &KeyUri,
+        s: &Session,
+        loc: &Locator,
+    ) -> Result<Option<ObjectHandle>, KeyError> {
+        let found = s
+            .find_objects(&template::find(
+                ObjectClass::PRIVATE_KEY,
+                loc.label.as_deref(),
+                loc.id.as_deref(),
+            ))
+            .map_err(self.token.call("search the token"))?;
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            many => Err(Pkcs11Error::AmbiguousKey {
+                uri: uri.redacted(),
+                count: many.len(),
+            }
+            .into()),
+        }
+    }
+
+    /// Label and id of an object.
+    fn label_and_id(&self, s: &Session, h: ObjectHandle) -> Result<(String, Vec<u8>), KeyError> {
+        let attrs = s
+            .get_attributes(h, &[AttributeType::Label, AttributeType::Id])
+            .map_err(self.token.call("read a key's attributes"))?;
+        let mut label = String::new();
+        let mut id = Vec::new();
+        for a in attrs {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8_lossy(&l).into_owned(),
+                Attribute::Id(i) => id = i,
+                _ => {}
+            }
+        }
+        Ok((label, id))
+    }
+
+    /// The public-key objects that belong to a private key: same CKA_ID, or
+    /// (when the id is empty) same label.
+    fn public_halves(
+        &self,
+        s: &Session,
+        label: &str,
+        id: &[u8],
+    ) -> Result<Vec<ObjectHandle>, KeyError> {
+        let t = if id.is_empty() {
+            template::find(ObjectClass::PUBLIC_KEY, Some(label), None)
+        } else {
+            template::find(ObjectClass::PUBLIC_KEY, None, Some(id))
+        };
+        Ok(s.find_objects(&t)
+            .map_err(self.token.call("search the token"))?)
+    }
+
+    /// The algorithm and SubjectPublicKeyInfo of a private key, read from
+    /// its public-key object.
+    fn public_key_of(
+        &self,
+        uri: &KeyUri,
+        s: &Session,
+        label: &str,
+        id: &[u8],
+    ) -> Result<(KeyAlgorithm, Vec<u8>), KeyError> {
+        let bad = |reason: String| -> KeyError {
+            Pkcs11Error::BadKey {
+                uri: uri.redacted(),
+                reason,
+            }
+            .into()
+        };
+        let public = self.public_halves(s, label, id)?;
+        let Some(&handle) = public.first() else {
+            return Err(bad("the token holds no public-key object with the same CKA_ID; dps-agent reads the public key from it".into()));
+        };
+        let attrs = s
+            .get_attributes(handle, &[AttributeType::EcParams, AttributeType::EcPoint])
+            .map_err(self.token.call("read the public key"))?;
+        let (mut params, mut point) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::EcParams(v) => params = Some(v),
+                Attribute::EcPoint(v) => point = Some(v),
+                _ => {}
+            }
+        }
+        let (Some(params), Some(point)) = (params, point) else {
+            return Err(bad(
+                "its public-key object has no CKA_EC_PARAMS or CKA_EC_POINT".into(),
+            ));
+        };
+        public_key::spki_from_attributes(&params, &point).map_err(bad)
+    }
+
+    fn open_parsed(&self, uri: &KeyUri, p: &Pkcs11Uri) -> Result<Arc<dyn Key>, KeyError> {
+        self.check_token(uri, p)?;
+        let loc = Locator::of(uri, p, false)?;
+        let (handle, generation, label, id, algorithm, spki) = self
+            .token
+            .with_session::<_, KeyError>("open a key", |s, generation| {
+                let Some(h) = self.find_private(uri, s, &loc)? else {
+                    return Ok(None);
+                };
+                let key_type = s
+                    .get_attributes(h, &[AttributeType::KeyType])
+                    .map_err(self.token.call("read a key's attributes"))?;
+                if !key_type.contains(&Attribute::KeyType(KeyType::EC)) {
+                    return Err(KeyError::from(Pkcs11Error::BadKey {
+                        uri: uri.redacted(),
+                        reason: "it is not an EC key; dps-agent uses EC P-256 and P-384 keys"
+                            .into(),
+                    }));
+                }
+                let (label, id) = self.label_and_id(s, h)?;
+                let (algorithm, spki) = self.public_key_of(uri, s, &label, &id)?;
+                Ok(Some((h, generation, label, id, algorithm, spki)))
+            })
+            .and_then(|found| found.ok_or_else(|| self.not_found(uri)))?;
+        Ok(Arc::new(Pkcs11Key {
+            uri: uri.clone(),
+            token: self.token.clone(),
+            locator: loc,
+            resolved: (label, id),
+            algorithm,
+            spki,
+            handle: Mutex::new(Some((generation, handle))),
+        }))
+    }
+}
+
+impl TokenError for KeyError {
+    fn lost_session(&self) -> Option<String> {
+        match self {
+            KeyError::Pkcs11(e) => TokenError::lost_session(e.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl KeyStore for Pkcs11KeyStore {
+    fn backend(&self) -> Backend {
+        Backend::Pkcs11
+    }
+
+    fn generate(&self, name: &str, algorithm: KeyAlgorithm) -> Result<KeyUri, KeyError> {
+        check_key_name(name)?;
+        self.generate_labeled(&format!("{name}{PENDING_SUFFIX}"), algorithm)
+    }
+
+    fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
+        let p = parse_key_uri(uri)?;
+        self.open_parsed(uri, &p)
+    }
+
+    fn commit(&self, uri: &KeyUri) -> Result<KeyUri, KeyError> {
+        let p = parse_key_uri(uri)?;
+        self.check_token(uri, &p)?;
+        let loc = Locator::of(uri, &p, false)?;
+        let renamed = self
+            .token
+            .with_session::<_, KeyError>("rename a key", |s, _| {
+                let Some(h) = self.find_private(uri, s, &loc)? else {
+                    return Ok(None);
+                };
+                let (label, id) = self.label_and_id(s, h)?;
+                let Some(committed) = label.strip_suffix(PENDING_SUFFIX) else {
+                    return Ok(Some((label, id)));
+                };
+                let new_label = Attribute::Label(committed.as_bytes().to_vec());
+                for public in self.public_halves(s, &label, &id)? {
+                    s.update_attributes(public, std::slice::from_ref(&new_label))
+                        .map_err(self.token.call("rename a public key"))?;
+                }
+                s.update_attributes(h, &[new_label])
+                    .map_err(self.token.call("rename a private key"))?;
+                Ok(Some((committed.to_string(), id)))
+            })?;
+        let (label, id) = renamed.ok_or_else(|| self.not_found(uri))?;
+        self.key_uri(&label, &id)
+    }
+
+    fn delete(&self, uri: &KeyUri) -> Result<(), KeyError> {
+        let p = parse_key_uri(uri)?;
+        self.check_token(uri, &p)?;
+        let loc = Locator::of(uri, &p, true)?;
+        self.token
+            .with_session::<_, KeyError>("delete a key", |s, _| {
+                let mut doomed = Vec::new();
+                match self.find_private(uri, s, &loc)? {
+                    Some(h) => {
+                        let (label, id) = self.label_and_id(s, h)?;
+                        doomed.extend(self.public_halves(s, &label, &id)?);
+                        doomed.push(h);
+                    }
+                    None => {
+                        // Only a public half may be left (an interrupted delete).
+                        doomed.extend(
+                            s.find_objects(&template::find(
+                                ObjectClass::PUBLIC_KEY,
+                                loc.label.as_deref(),
+                                loc.id.as_deref(),
+                            ))
+                            .map_err(self.token.call("search the token"))?,
+                        );
+                    }
+                }
+                for h in doomed {
+                    match s.destroy_object(h) {
+                        Ok(()) => {}
+                        Err(e) if error::rv_of(&e) == Some(RvError::ObjectHandleInvalid) => {}
+                        Err(e) => return Err(self.token.call("delete a key")(e).into()),
+                    }
+                }
+                Ok(())
+            })
+    }
+
+    fn list(&self) -> Result<Vec<KeyUri>, KeyError> {
+        let keys = self
+            .token
+            .with_session::<_, KeyError>("list keys", |s, _| {
+                let all = s
+                    .find_objects(&template::find(ObjectClass::PRIVATE_KEY, None, None))
+                    .map_err(self.token.call("search the token"))?;
+                let mut out = Vec::new();
+                for h in all {
+                    let (label, id) = self.label_and_id(s, h)?;
+                    if label.starts_with(OPERATIONAL_PREFIX) {
+                        out.push((label, id));
+                    }
+                }
+                Ok(out)
+            })?;
+        let mut uris = keys
+            .iter()
+            .map(|(label, id)| self.key_uri(label, id))
+            .collect::<Result<Vec<_>, _>>()?;
+        uris.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(uris)
+    }
+}
+
+/// A private key in a token.
+struct Pkcs11Key {
+    uri: KeyUri,
+    token: Arc<Token>,
+    /// How the URI named the key.
+    locator: Locator,
+    /// The key's label and id when it was opened.
+    resolved: (String, Vec<u8>),
+    algorithm: KeyAlgorithm,
+    spki: Vec<u8>,
+    /// The object handle, valid for the session generation it was found in.
+    handle: Mutex<Option<(u64, ObjectHandle)>>,
+}
+
+impl Pkcs11Key {
+    /// The key's handle in the current session: cached, or found again by
+    /// its id (a commit may have renamed it), else as the URI names it.
+    fn handle(&self, s: &Session, generation: u64) -> Result<ObjectHandle, KeyError> {
+        let mut cache = self.handle.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((g, h)) = *cache {
+            if g == generation {
+                return Ok(h);
+            }
+        }
+        let find = |label: Option<&str>, id: Option<&[u8]>| {
+            s.find_objects(&template::find(ObjectClass::PRIVATE_KEY, label, id))
+                .map_err(self.token.call("search the token"))
+        };
+        let (_, id) = &self.resolved;
+        let mut found = if id.is_empty() {
+            Vec::new()
+        } else {
+            find(None, Some(id))?
+        };
+        if found.len() != 1 {
+            found = find(self.locator.label.as_deref(), self.locator.id.as_deref())?;
+        }
+        match found.as_slice() {
+            [h] => {
+                *cache = Some((generation, *h));
+                Ok(*h)
+            }
+            [] => Err(KeyError::NotFound {
+                uri: self.uri.redacted(),
+                hint: format!(" in token {} any more", self.token.name()),
+            }),
+            many => Err(Pkcs11Error::AmbiguousKey {
+                uri: self.uri.redacted(),
+                count: many.len(),
+            }
+            .into()),
+        }
+    }
+
+    fn forget_handle(&self) {
+        *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl Key for Pkcs11Key {
+    fn uri(&self) -> &KeyUri {
+        &self.uri
+    }
+
+    fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    fn public_key_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    fn sign_digest(&self, scheme: SignScheme, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let SignScheme::Ecdsa(hash) = scheme;
+        if digest.len() != hash.output_len() {
+            return Err(KeyError::Sign {
+                uri: self.uri.redacted(),
+                reason: format!(
+                    "digest is {} bytes, expected {} for {hash:?}",
+                    digest.len(),
+                    hash.output_len()
+                ),
+            });
+        }
+        let raw = self
+            .token
+            .with_session::<_, KeyError>("sign", |s, generation| {
+                let h = self.handle(s, generation)?;
+                match s.sign(&Mechanism::Ecdsa, h, digest) {
+                    Err(e)
+                        if matches!(
+                            error::rv_of(&e),
+                            Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
+                        ) =>
+                    {
+                        // The handle went stale: find the key again, once.
+                        self.forget_handle();
+                        let h = self.handle(s, generation)?;
+                        s.sign(&Mechanism::Ecdsa, h, digest)
+                            .map_err(|e| self.token.call("sign")(e).into())
+                    }
+                    other => other.map_err(|e| self.token.call("sign")(e).into()),
+                }
+            })?;
+        ecdsa_raw_to_der(self.algorithm, &raw).ok_or_else(|| KeyError::Sign {
+            uri: self.uri.redacted(),
+            reason: format!(
+                "the token returned {} bytes, not an r||s signature for {}",
+                raw.len(),
+                self.algorithm
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
