@@ -19,14 +19,15 @@ say "1. A test PKI: bootstrap root -> intermediate -> device gw-0001, the simula
 "$BIN/dps-sim" pki --out "$DEMO/pki"
 ls "$DEMO/pki"
 
-say "2. The DPS simulator (MQTT over TLS on a free port)"
+say "2. The DPS simulator (MQTT over TLS on a free port) and the IoT Hub it assigns devices to"
 "$BIN/dps-sim" serve --pki "$DEMO/pki" --ready-file "$DEMO/sim.ready" --events "$DEMO/sim-events.jsonl" \
-  --retry-after 1 --cert-validity 30d >"$DEMO/sim.log" 2>&1 &
+  --retry-after 1 --cert-validity 30d --hub-port 0 --twin-file "$DEMO/twins.json" >"$DEMO/sim.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$DEMO/sim.ready" ] && break; sleep 0.1; done
 [ -s "$DEMO/sim.ready" ] || { echo "the simulator did not start:"; cat "$DEMO/sim.log"; exit 1; }
 port=$(sed -n 's/.*"mqtt_port": *\([0-9]*\).*/\1/p' "$DEMO/sim.ready")
-echo "dps-sim listening on localhost:$port"
+hub_port=$(sed -n 's/.*"hub_port": *\([0-9]*\).*/\1/p' "$DEMO/sim.ready")
+echo "dps-sim listening on localhost:$port (DPS) and localhost:$hub_port (IoT Hub)"
 
 say "2b. A TPM 2.0 for the operational key: swtpm on free loopback ports (control port = port + 1), state in $DEMO/tpm"
 mkdir -p "$DEMO/tpm"
@@ -72,13 +73,19 @@ key_algorithm = "ecdsa-p384"
 [tpm]
 tcti = "$TCTI"
 
+[hub]
+port = $hub_port
+
 [state]
 dir = "$DEMO/state"
+
+[dbus]
+bus = "unix:path=$DEMO/bus/socket"
 EOF
 cat "$DEMO/config.toml"
 "$BIN/dps-agent" --config "$DEMO/config.toml" check-config
 
-say "4. Provision: fresh P-384 key in the TPM, CSR, DPS registration over MQTT, chain checks, atomic commit"
+say "4. Provision: fresh P-384 key in the TPM, CSR, DPS registration over MQTT, chain checks, IoT Hub check and twin report, atomic commit"
 "$BIN/dps-agent" --config "$DEMO/config.toml" run --once
 echo "the operational key (a TPM-wrapped blob; the private key never left the TPM):"
 ls -l "$DEMO"/state/keys/*.tss2.pem | sed 's/^/  /'
@@ -97,5 +104,38 @@ openssl verify -CAfile "$DEMO/pki/issuing-root.pem" -untrusted "$DEMO/cert-01" "
 
 say "7. A second run uses the stored identity without contacting DPS"
 "$BIN/dps-agent" --config "$DEMO/config.toml" run --once
+
+say "8. The device twin's reported properties on the hub"
+python3 -m json.tool "$DEMO/twins.json"
+
+say "9. The identity as a local app sees it: the daemon on a private D-Bus, read with busctl"
+mkdir -p "$DEMO/bus"
+cat >"$DEMO/bus/bus.conf" <<CONF
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=$DEMO/bus/socket</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/> <allow own="*"/>
+    <allow send_type="method_call"/> <allow send_type="signal"/>
+    <allow send_type="method_return"/> <allow send_type="error"/>
+    <allow receive_type="method_call"/> <allow receive_type="signal"/>
+    <allow receive_type="method_return"/> <allow receive_type="error"/>
+  </policy>
+</busconfig>
+CONF
+dbus-daemon --config-file="$DEMO/bus/bus.conf" --nofork --nopidfile >"$DEMO/bus/log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do [ -S "$DEMO/bus/socket" ] && break; sleep 0.1; done
+"$BIN/dps-agent" --config "$DEMO/config.toml" run >"$DEMO/daemon.log" 2>&1 &
+pids+=($!)
+BUS="--address=unix:path=$DEMO/bus/socket"
+for _ in $(seq 100); do busctl "$BUS" status org.dpsagent.Agent >/dev/null 2>&1 && break; sleep 0.1; done
+busctl "$BUS" introspect org.dpsagent.Agent /org/dpsagent/Agent org.dpsagent.Agent1
+for p in State DeviceId AssignedHub KeyUri NotAfter RenewAt; do
+  printf '  %-12s %s\n' "$p" "$(busctl "$BUS" get-property org.dpsagent.Agent /org/dpsagent/Agent org.dpsagent.Agent1 "$p")"
+done
+echo "  dps-agent status, asked over D-Bus:"
+"$BIN/dps-agent" --config "$DEMO/config.toml" status | sed 's/^/    /'
 echo
 echo "demo done; files in $DEMO"

@@ -147,7 +147,46 @@ pub fn verify(chain: &[Vec<u8>], want: &Expectations<'_>) -> Result<VerifiedChai
             leaf: describe(&certs[0]),
         })?;
 
-    // Walk from the leaf to the top, finding each issuer by name and signature.
+    let (path, ends_in_root) = issuer_path(&certs, leaf_index, want.require_issuer)?;
+
+    let leaf = &certs[leaf_index];
+    if let Some(expected) = want.common_name {
+        let found = common_name(leaf).unwrap_or_default();
+        if found != expected {
+            return Err(ChainError::WrongCommonName {
+                expected: expected.to_string(),
+                found,
+            });
+        }
+    }
+    for &i in &path {
+        check_dates(&certs[i], want.now, want.max_skew_secs)?;
+    }
+    check_client_auth(leaf)?;
+
+    let (not_before, not_after) = validity(leaf);
+    Ok(VerifiedChain {
+        ignored: certs.len() - path.len(),
+        certs: path.iter().map(|&i| chain[i].clone()).collect(),
+        ends_in_root,
+        not_before,
+        not_after,
+        subject: leaf.tbs_certificate().subject().to_string(),
+        issuer: leaf.tbs_certificate().issuer().to_string(),
+        thumbprint: thumbprint(&chain[leaf_index]),
+    })
+}
+
+/// The issuer path of `certs[leaf_index]`: indices from the leaf up, each issuer
+/// found by name, proven by its signature and required to be a CA; and whether
+/// the path ends in a self-signed root. Certificates off the path are left out;
+/// one that follows but issued nothing on the path is an error. Dates and usages
+/// are not looked at (see [`verify`]).
+pub fn issuer_path(
+    certs: &[Certificate],
+    leaf_index: usize,
+    require_issuer: bool,
+) -> Result<(Vec<usize>, bool), ChainError> {
     let mut path = vec![leaf_index];
     let mut ends_in_root = false;
     loop {
@@ -170,7 +209,7 @@ pub fn verify(chain: &[Vec<u8>], want: &Expectations<'_>) -> Result<VerifiedChai
                     reason: "the issuer name does not match".into(),
                 });
             }
-            if path.len() == 1 && want.require_issuer {
+            if path.len() == 1 && require_issuer {
                 // A leaf with nothing above it cannot be checked at all.
                 return Err(ChainError::MissingIssuer {
                     subject: describe(current),
@@ -199,33 +238,7 @@ pub fn verify(chain: &[Vec<u8>], want: &Expectations<'_>) -> Result<VerifiedChai
             (None, None) => break,
         }
     }
-
-    let leaf = &certs[leaf_index];
-    if let Some(expected) = want.common_name {
-        let found = common_name(leaf).unwrap_or_default();
-        if found != expected {
-            return Err(ChainError::WrongCommonName {
-                expected: expected.to_string(),
-                found,
-            });
-        }
-    }
-    for &i in &path {
-        check_dates(&certs[i], want.now, want.max_skew_secs)?;
-    }
-    check_client_auth(leaf)?;
-
-    let (not_before, not_after) = validity(leaf);
-    Ok(VerifiedChain {
-        ignored: certs.len() - path.len(),
-        certs: path.iter().map(|&i| chain[i].clone()).collect(),
-        ends_in_root,
-        not_before,
-        not_after,
-        subject: leaf.tbs_certificate().subject().to_string(),
-        issuer: leaf.tbs_certificate().issuer().to_string(),
-        thumbprint: thumbprint(&chain[leaf_index]),
-    })
+    Ok((path, ends_in_root))
 }
 
 /// Uppercase hex SHA-256 of a certificate's DER.
@@ -304,6 +317,11 @@ pub fn describe(cert: &Certificate) -> String {
     }
 }
 
+/// The SubjectPublicKeyInfo DER of a certificate given as DER.
+pub fn spki_of(cert_der: &[u8]) -> Option<Vec<u8>> {
+    spki_der(&Certificate::from_der(cert_der).ok()?)
+}
+
 fn spki_der(cert: &Certificate) -> Option<Vec<u8>> {
     cert.tbs_certificate()
         .subject_public_key_info()
@@ -315,7 +333,9 @@ fn is_self_issued(cert: &Certificate) -> bool {
     cert.tbs_certificate().subject() == cert.tbs_certificate().issuer()
 }
 
-fn check_dates(cert: &Certificate, now: UnixTime, skew: u64) -> Result<(), ChainError> {
+/// The certificate is within its dates at `now` (a notBefore up to `skew`
+/// seconds ahead is allowed).
+pub fn check_dates(cert: &Certificate, now: UnixTime, skew: u64) -> Result<(), ChainError> {
     let (not_before, not_after) = validity(cert);
     if now >= not_after {
         return Err(ChainError::Expired {

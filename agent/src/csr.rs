@@ -1,6 +1,7 @@
 //! PKCS#10 certificate signing requests, signed by a [`Key`] in any backend.
 //! The subject is `CN = <registration id>` and nothing else, as DPS requires; the
-//! signature is ecdsa-with-SHA384 for P-384 keys and ecdsa-with-SHA256 for P-256.
+//! signature is ecdsa-with-SHA384 for P-384 keys and ecdsa-with-SHA256 for P-256
+//! (sha256WithRSAEncryption for an RSA bootstrap key, via `dps-agent csr`).
 
 use std::str::FromStr;
 
@@ -17,6 +18,8 @@ use crate::keys::{HashAlg, Key, KeyError, SignScheme};
 pub const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 /// ecdsa-with-SHA384 (RFC 5758).
 pub const ECDSA_WITH_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");
+/// sha256WithRSAEncryption (RFC 4055), for CSRs of RSA bootstrap keys.
+pub const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
 
 /// Errors while building a CSR.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,8 @@ pub enum CsrError {
     Encode(String),
     #[error("cannot sign the CSR: {0}")]
     Sign(#[from] KeyError),
+    #[error("CSRs are not signed with {0}")]
+    Scheme(SignScheme),
 }
 
 /// A signed certificate signing request.
@@ -57,17 +62,17 @@ impl Csr {
         };
         let tbs = info.to_der().map_err(|e| CsrError::Encode(e.to_string()))?;
         let scheme = key.algorithm().default_scheme();
-        let oid = match scheme {
-            SignScheme::Ecdsa(HashAlg::Sha384) => ECDSA_WITH_SHA384,
-            SignScheme::Ecdsa(_) => ECDSA_WITH_SHA256,
+        let (oid, parameters) = match scheme {
+            SignScheme::Ecdsa(HashAlg::Sha384) => (ECDSA_WITH_SHA384, None),
+            SignScheme::Ecdsa(_) => (ECDSA_WITH_SHA256, None),
+            // An RSA bootstrap key (`dps-agent csr`): NULL parameters (RFC 4055 §5).
+            SignScheme::RsaPkcs1(HashAlg::Sha256) => (SHA256_WITH_RSA, Some(der::Any::null())),
+            other => return Err(CsrError::Scheme(other)),
         };
         let signature = key.sign_message(scheme, &tbs)?;
         let req = CertReq {
             info,
-            algorithm: AlgorithmIdentifierOwned {
-                oid,
-                parameters: None,
-            },
+            algorithm: AlgorithmIdentifierOwned { oid, parameters },
             signature: BitString::from_bytes(&signature)
                 .map_err(|e| CsrError::Encode(e.to_string()))?,
         };

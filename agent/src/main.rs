@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::sync::mpsc;
 
+use dps_agent::bootstrap;
 use dps_agent::bus;
 use dps_agent::clock::{self, rfc3339};
 use dps_agent::config::{self, Config};
@@ -81,8 +82,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Check the config file and drop-ins; exit 0 if valid, 1 with the problem otherwise.
-    CheckConfig,
+    /// Diagnose this gateway: config, key backend, bootstrap credential, stored
+    /// identity (key matches certificate, chain, expiry, renewal time), clock, and
+    /// DPS reachability (TCP and TLS). Prints OK/WARN/FAIL with a one-line fix each;
+    /// exits 1 if anything FAILs. Changes nothing.
+    Check,
+    /// Check the config file and drop-ins, and the bootstrap credential they name
+    /// (certificate matches key, CN = registration id, clientAuth, dates, chain);
+    /// exit 0 if all is well, 1 with each problem and its fix otherwise. No network.
+    CheckConfig {
+        /// Check the config files only, not the bootstrap credential (for images
+        /// built before the device's certificate and key are installed).
+        #[arg(long)]
+        config_only: bool,
+    },
+    /// Write the man pages and shell completions into DIR (used by packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Make a new key pair for onboarding and print its URI.
     ///
     /// The private key is made inside the backend and never leaves it; send the
@@ -115,6 +134,27 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
     },
+    /// TPM facts for DPS TPM attestation ([tpm] tcti from the config file).
+    #[command(subcommand)]
+    Tpm(TpmCmd),
+}
+
+#[derive(Subcommand)]
+enum TpmCmd {
+    /// Print the endorsement key and the registration id an individual TPM
+    /// enrollment needs.
+    ///
+    /// Prints the EK as base64 of its TPM2B_PUBLIC (what the Azure portal calls
+    /// the endorsement key) and as PEM, and the registration id derived from it
+    /// (lowercase base32 of its SHA-256, as the Azure IoT C SDK derives it). Put
+    /// that id (or the one you give the enrollment) into [dps] registration_id.
+    /// Creates and persists the EK at 0x81010001 from the TCG template if the TPM
+    /// has none.
+    Ek {
+        /// Print JSON: {"endorsement_key", "registration_id", "pem"}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
@@ -139,11 +179,49 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Cmd::CheckConfig => {
-            let c = Config::load(&cli.config)?;
-            let files: Vec<String> = c.files.iter().map(|f| f.display().to_string()).collect();
-            println!("{}: OK", files.join(", "));
+        Cmd::GenerateDocs { out } => {
+            for f in dps_agent::docs::generate(Cli::command(), &out)? {
+                println!("{}", f.display());
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check => {
+            let c = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("{:<5} {:<12} {e}", "FAIL", "config");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            init_logging(cli.log_level.unwrap_or(log::LevelFilter::Error));
+            let rt = runtime()?;
+            let findings = rt.block_on(dps_agent::check::run(&c, Arc::new(clock::SystemClock)));
+            for f in &findings {
+                println!("{f}");
+            }
+            match rt.block_on(bus::client::fetch_status(&c.dbus.bus)) {
+                Ok(Some(s)) => println!("{:<5} {:<12} running, state {}", "OK", "daemon", s.state),
+                _ => println!(
+                    "{:<5} {:<12} not answering on the {} bus\n{:<18} fix: systemctl start dps-agent (journalctl -u dps-agent says why it stopped)",
+                    "WARN",
+                    "daemon",
+                    bus::describe(&c.dbus.bus),
+                    ""
+                ),
+            }
+            let failed = findings
+                .iter()
+                .any(|f| f.verdict == dps_agent::check::Verdict::Fail);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::CheckConfig { config_only } => {
+            let c = Config::load(&cli.config)?;
+            init_logging(cli.log_level.unwrap_or(log::LevelFilter::Warn));
+            check_config(&c, config_only)
         }
         Cmd::Status { json } => {
             let c = Config::load(&cli.config)?;
@@ -204,12 +282,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Tpm(TpmCmd::Ek { json }) => {
+            use base64::Engine as _;
+            use dps_agent::keys::tpm;
+            init_logging(cli.log_level.unwrap_or(log::LevelFilter::Warn));
+            let ek = key_backends(&cli.config)
+                .tpm()?
+                .ek_public()
+                .context("reading the endorsement key")?;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&ek);
+            let regid = tpm::registration_id_for_ek(&ek);
+            let pem = tpm::ek_public_pem(&ek).map_err(|e| anyhow::anyhow!("the EK: {e}"))?;
+            if json {
+                let v = serde_json::json!({
+                    "endorsement_key": b64,
+                    "registration_id": regid,
+                    "pem": pem,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "Endorsement key (TPM2B_PUBLIC, base64; the enrollment's \"Endorsement key\"):\n{b64}\n\n\
+                     Registration id derived from it:\n{regid}\n\n\
+                     Endorsement key (PEM):\n{pem}"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Run { once } => {
             let c = Config::load(&cli.config)?;
             init_logging(cli.log_level.unwrap_or(c.log.level));
             if once {
                 run_once(c)
             } else {
+                // Say at start-up what is wrong with the bootstrap credential,
+                // not only when a renewal needs it (no network involved).
+                for f in bootstrap::check_config(&c, &key_backends(&cli.config), clock::now()) {
+                    log::warn!("bootstrap credential: {f}");
+                }
                 run_daemon(c)
             }
         }
@@ -238,6 +348,56 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `check-config`: the config, then the bootstrap credential it names (the
+/// certificate file and the key are read; nothing goes over the network).
+fn check_config(c: &Config, config_only: bool) -> anyhow::Result<ExitCode> {
+    let files: Vec<String> = c.files.iter().map(|f| f.display().to_string()).collect();
+    println!("{}: OK", files.join(", "));
+    if config_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config::Attestation::X509 {
+        identity_cert,
+        identity_key,
+    } = &c.dps.attestation
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let keys = Keys::new(KeySettings::from_config(c));
+    let now = clock::now();
+    let findings = bootstrap::check_config(c, &keys, now);
+    if findings.is_empty() {
+        let key = keys.open(identity_key)?;
+        let algorithm = key.algorithm();
+        let b = bootstrap::load(
+            identity_cert,
+            key,
+            &c.dps.registration_id,
+            now,
+            c.operational.max_clock_skew.as_secs(),
+        )?;
+        println!(
+            "bootstrap credential: OK: {} ({algorithm} key {identity_key}), valid until {}; presents {} of the {} certificate(s) in {}{}",
+            b.subject,
+            rfc3339(b.not_after),
+            b.presented,
+            b.chain_len,
+            identity_cert.display(),
+            if b.presented < b.chain_len { " (not the root)" } else { "" }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "dps-agent: error: the bootstrap credential has {} problem{}:",
+        findings.len(),
+        if findings.len() == 1 { "" } else { "s" }
+    );
+    for f in &findings {
+        eprintln!("  - {}\n    fix: {}", f.problem, f.fix);
+    }
+    Ok(ExitCode::FAILURE)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -273,7 +433,10 @@ fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         );
+        // READY=1 now (also without the bus: provisioning and renewal go on).
+        let service = dps_agent::notify::Service::start(agent.status(), _bus.is_some());
         daemon::run(agent, rx).await;
+        service.stopping();
         let _ = std::fs::remove_file(pid_file);
         log::info!("dps-agent stopped");
         anyhow::Ok(())

@@ -6,6 +6,8 @@
 mod raw;
 mod validate;
 
+pub use validate::check_registration_id;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -88,12 +90,29 @@ pub enum Attestation {
         identity_cert: PathBuf,
         identity_key: KeyUri,
     },
+    /// A symmetric key (SAS tokens): the enrollment's key, or the enrollment
+    /// group's key from which the device key is derived.
+    SymmetricKey {
+        key_file: PathBuf,
+        enrollment: Enrollment,
+    },
+    /// The TPM's endorsement key (DPS over HTTPS only).
+    Tpm,
+}
+
+/// The kind of DPS enrollment a symmetric key belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrollment {
+    Individual,
+    Group,
 }
 
 impl Attestation {
     pub fn method(&self) -> &'static str {
         match self {
             Attestation::X509 { .. } => "x509",
+            Attestation::SymmetricKey { .. } => "symmetric_key",
+            Attestation::Tpm => "tpm",
         }
     }
 }

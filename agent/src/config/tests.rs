@@ -148,6 +148,83 @@ fn tpm_over_mqtt_points_to_https() {
     assert!(e.contains("transport = \"https\""), "{e}");
 }
 
+/// GOOD with another `[dps.attestation]` table and transport.
+fn with_attestation(transport: &str, attestation: &str) -> String {
+    let start = GOOD.find("method = \"x509\"").unwrap();
+    let end = GOOD.find("[operational]").unwrap();
+    format!("{}{attestation}\n\n{}", &GOOD[..start], &GOOD[end..])
+        .replace("[dps]\n", &format!("[dps]\ntransport = \"{transport}\"\n"))
+}
+
+#[test]
+fn https_symmetric_key_and_tpm() {
+    let c = parse(&with_attestation(
+        "https",
+        "method = \"symmetric_key\"\nkey_file = \"/etc/dps-agent/dps.key\"",
+    ))
+    .unwrap();
+    assert_eq!(c.dps.transport, Transport::Https);
+    assert_eq!(c.dps.endpoint.port, 18883);
+    assert_eq!(
+        c.dps.attestation,
+        Attestation::SymmetricKey {
+            key_file: PathBuf::from("/etc/dps-agent/dps.key"),
+            enrollment: Enrollment::Individual
+        }
+    );
+    let c = parse(&with_attestation(
+        "mqtt",
+        "method = \"symmetric_key\"\nkey_file = \"/k\"\nenrollment = \"group\"",
+    ))
+    .unwrap();
+    assert!(matches!(
+        c.dps.attestation,
+        Attestation::SymmetricKey {
+            enrollment: Enrollment::Group,
+            ..
+        }
+    ));
+    let c = parse(
+        &with_attestation("https", "method = \"tpm\"")
+            .replace("127.0.0.1:18883", "dps.example.net"),
+    )
+    .unwrap();
+    assert_eq!(c.dps.attestation, Attestation::Tpm);
+    assert_eq!(c.dps.endpoint.port, 443);
+
+    let e = err(&with_attestation("https", "method = \"symmetric_key\""));
+    assert!(e.contains("[dps.attestation] key_file is missing"), "{e}");
+    let e = err(&with_attestation(
+        "https",
+        "method = \"symmetric_key\"\nkey_file = \"/k\"\nenrollment = \"fleet\"",
+    ));
+    assert!(
+        e.contains("enrollment = \"fleet\" is not an enrollment kind"),
+        "{e}"
+    );
+    let e = err(&with_attestation(
+        "https",
+        "method = \"symmetric_key\"\nkey_file = \"k\"",
+    ));
+    assert!(e.contains("is not an absolute path"), "{e}");
+    let e = err(&with_attestation(
+        "https",
+        "method = \"tpm\"\nkey_file = \"/k\"",
+    ));
+    assert!(
+        e.contains("only applies to method = \"symmetric_key\""),
+        "{e}"
+    );
+    let e = err(&with_attestation(
+        "https",
+        "method = \"symmetric_key\"\nkey_file = \"/k\"\nidentity_cert = \"/c.pem\"",
+    ));
+    assert!(
+        e.contains("identity_cert only applies to method = \"x509\""),
+        "{e}"
+    );
+}
+
 #[test]
 fn payload_becomes_json() {
     let c =

@@ -121,14 +121,7 @@ pub(super) fn build(
 fn dps(cx: &Ctx, d: RawDps) -> Result<DpsConfig, ConfigError> {
     let transport = match d.transport.as_deref().unwrap_or("mqtt") {
         "mqtt" => Transport::Mqtt,
-        "https" => {
-            return Err(cx.bad(
-                "dps.transport",
-                "https",
-                "is not available in this version yet",
-                "use transport = \"mqtt\"",
-            ))
-        }
+        "https" => Transport::Https,
         other => {
             return Err(cx.bad(
                 "dps.transport",
@@ -350,12 +343,54 @@ fn attestation(
                     "set [dps] transport = \"https\"",
                 ));
             }
-            Err(cx.bad(
-                "dps.attestation.method",
-                &method,
-                "is not available in this version yet",
-                "use method = \"x509\"",
-            ))
+            for (k, v) in [
+                ("identity_cert", &a.identity_cert),
+                ("identity_key", &a.identity_key),
+            ] {
+                if v.is_some() {
+                    return Err(cx.err(
+                        &format!("dps.attestation.{k}"),
+                        None,
+                        "only applies to method = \"x509\"",
+                        "remove it",
+                    ));
+                }
+            }
+            if method == "tpm" {
+                for (k, v) in [("key_file", &a.key_file), ("enrollment", &a.enrollment)] {
+                    if let Some(v) = v {
+                        return Err(cx.bad(
+                            &format!("dps.attestation.{k}"),
+                            v,
+                            "only applies to method = \"symmetric_key\"",
+                            "remove it (the TPM's endorsement key is the credential)",
+                        ));
+                    }
+                }
+                return Ok(Attestation::Tpm);
+            }
+            let enrollment = match a.enrollment.as_deref().unwrap_or("individual") {
+                "individual" => Enrollment::Individual,
+                "group" => Enrollment::Group,
+                other => {
+                    return Err(cx.bad(
+                        "dps.attestation.enrollment",
+                        other,
+                        "is not an enrollment kind",
+                        "use \"individual\" (the key of this device's enrollment) or \"group\" (the enrollment group's key; the device key is derived from it)",
+                    ))
+                }
+            };
+            let key_file = a.key_file.ok_or_else(|| {
+                cx.missing(
+                    "dps.attestation.key_file",
+                    "point it at a file (mode 0600) holding the enrollment's primary key in base64, e.g. \"/etc/dps-agent/bootstrap/dps.key\"",
+                )
+            })?;
+            Ok(Attestation::SymmetricKey {
+                key_file: cx.path("dps.attestation.key_file", key_file)?,
+                enrollment,
+            })
         }
         other => Err(cx.bad(
             "dps.attestation.method",
@@ -389,12 +424,21 @@ fn operational(cx: &Ctx, o: RawOperational) -> Result<OperationalConfig, ConfigE
     })?;
     let alg_name = o.key_algorithm.unwrap_or_else(|| "ecdsa-p384".to_string());
     let key_algorithm = KeyAlgorithm::from_name(&alg_name).ok_or_else(|| {
-        cx.bad(
-            "operational.key_algorithm",
-            &alg_name,
-            "is not supported",
-            "use \"ecdsa-p384\" or \"ecdsa-p256\"",
-        )
+        if alg_name.to_ascii_lowercase().starts_with("rsa") {
+            cx.bad(
+                "operational.key_algorithm",
+                &alg_name,
+                "is not supported: operational keys are ECDSA (DPS issues certificates for EC keys)",
+                "use \"ecdsa-p384\" or \"ecdsa-p256\"; an RSA key is fine as the bootstrap key ([dps.attestation] identity_key)",
+            )
+        } else {
+            cx.bad(
+                "operational.key_algorithm",
+                &alg_name,
+                "is not supported",
+                "use \"ecdsa-p384\" or \"ecdsa-p256\"",
+            )
+        }
     })?;
     let renew_before = cx.duration("operational.renew_before", o.renew_before, "7d")?;
     if renew_before.as_secs() == 0 {
@@ -538,6 +582,7 @@ fn cross_checks(cx: &Ctx, c: &Config) -> Result<(), ConfigError> {
     }
     let identity_key = match &c.dps.attestation {
         Attestation::X509 { identity_key, .. } => Some(identity_key),
+        Attestation::SymmetricKey { .. } | Attestation::Tpm => None,
     };
     if identity_key.is_some_and(|k| {
         k.backend() == Backend::Pkcs11

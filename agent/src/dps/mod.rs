@@ -2,19 +2,29 @@
 //! with an issued certificate chain. Owns the retry rules inside an attempt
 //! (protocol.md §7): retry-after honoured exactly, 2 s between polls when none is
 //! given, at most 5 polls in 10 s, 429 and 5xx retried with backoff, other 4xx
-//! fatal, and an overall deadline. The transport (MQTT now) only moves bytes.
+//! fatal, and an overall deadline; and the onboarding credential's part of the
+//! conversation: a SAS token on every connection or request (symmetric key,
+//! TPM) and the TPM challenge (401 with an `authenticationKey`, answered by the
+//! TPM). The transports (MQTT, HTTPS) only move bytes.
 
+mod https;
 mod mqtt;
+mod onboarding;
+pub mod sas;
 pub mod wire;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::fmt;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::config::DpsConfig;
+use crate::config::{self, DpsConfig};
+use crate::tls::find_rustls_error;
+use onboarding::Authorizer;
+pub use onboarding::{read_key_file, CredentialError, Onboarding};
+use sas::SasToken;
 use wire::{Reply, ServiceError};
 
 /// What the caller asks DPS for.
@@ -41,8 +51,14 @@ pub enum DpsError {
     Unreachable { endpoint: String, reason: String },
     #[error("the DPS server at {endpoint} is not trusted: {reason}; check [dps] trust_bundle (and the clock)")]
     ServerNotTrusted { endpoint: String, reason: String },
-    #[error("DPS at {endpoint} refused the bootstrap credential ({detail}): check that the enrollment trusts the CA that issued the bootstrap certificate and that its CN is the registration id")]
-    AuthRefused { endpoint: String, detail: String },
+    #[error("DPS at {endpoint} refused the {} ({detail}): {}", .method.credential(), .method.refusal_fix())]
+    AuthRefused {
+        endpoint: String,
+        detail: String,
+        method: Method,
+    },
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
     #[error("the connection to DPS broke: {reason}")]
     ConnectionLost { reason: String },
     #[error("DPS answered {0}")]
@@ -91,6 +107,7 @@ impl DpsError {
             DpsError::Unreachable { .. } => "unreachable",
             DpsError::ServerNotTrusted { .. } => "server-not-trusted",
             DpsError::AuthRefused { .. } => "auth-refused",
+            DpsError::Credential(_) => "credential",
             DpsError::ConnectionLost { .. } => "connection-lost",
             DpsError::Service(_) => "service-error",
             DpsError::Failed { .. } => "failed",
@@ -102,19 +119,109 @@ impl DpsError {
     }
 }
 
-/// One request of the device API, whatever the transport.
+/// How the device proves itself, for messages that must say what to fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    X509,
+    SymmetricKey { group: bool },
+    Tpm,
+}
+
+impl Method {
+    /// What DPS refused.
+    pub fn credential(self) -> &'static str {
+        match self {
+            Method::X509 => "bootstrap credential",
+            Method::SymmetricKey { .. } => "symmetric key (SAS token)",
+            Method::Tpm => "TPM attestation",
+        }
+    }
+
+    /// What to check when DPS refuses it.
+    pub fn refusal_fix(self) -> &'static str {
+        match self {
+            Method::X509 => "check that the enrollment trusts the CA that issued the bootstrap certificate and that its CN is the registration id",
+            Method::SymmetricKey { group: false } => "check that [dps.attestation] key_file holds the individual enrollment's primary or secondary key, that [dps] registration_id is the enrolled one, and that the device clock is right (tokens are valid for 5 minutes)",
+            Method::SymmetricKey { group: true } => "check that [dps.attestation] key_file holds the enrollment group's primary or secondary key (the device key is derived from it and registration_id), that the group is enabled, and that the device clock is right (tokens are valid for 5 minutes)",
+            Method::Tpm => "check that DPS has an individual enrollment for this TPM's endorsement key with this registration id (`dps-agent tpm ek` prints both)",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Method::X509 => "x509",
+            Method::SymmetricKey { group: false } => "symmetric_key (individual)",
+            Method::SymmetricKey { group: true } => "symmetric_key (group)",
+            Method::Tpm => "tpm",
+        })
+    }
+}
+
+/// One operation of the device API, whatever the transport.
 #[derive(Debug, Clone, Copy)]
-enum Request<'a> {
+enum Op<'a> {
     Register { body: &'a [u8] },
     Poll { operation_id: &'a str },
 }
 
+/// A request: the operation and the SAS token that authorizes it, if any
+/// (HTTPS sends it as `Authorization`; MQTT uses it as the password of a
+/// new connection).
+#[derive(Debug, Clone, Copy)]
+struct Request<'a> {
+    op: Op<'a>,
+    auth: Option<&'a SasToken>,
+}
+
 /// A reply, before interpretation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct RawReply {
     status: u16,
     retry_after: Option<u64>,
     body: Vec<u8>,
+    /// `x-ms-error-code` (HTTPS only).
+    error_code: Option<String>,
+}
+
+impl RawReply {
+    /// What the reply means; an error code in a header completes the body's.
+    fn interpret(&self) -> Result<Reply, String> {
+        let mut reply = wire::parse_reply(self.status, self.retry_after, &self.body)?;
+        if let (Reply::Error(e), Some(code)) = (&mut reply, &self.error_code) {
+            if e.error_code.is_none() {
+                match code.trim().parse() {
+                    Ok(n) => e.error_code = Some(n),
+                    Err(_) if e.message.is_none() => e.message = Some(wire::clip(code, 100)),
+                    Err(_) => {}
+                }
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// The transport of one attempt.
+enum Connection {
+    Mqtt(Box<mqtt::MqttTransport>),
+    Https(https::HttpsTransport),
+}
+
+impl Connection {
+    async fn request(&mut self, request: Request<'_>) -> Result<RawReply, DpsError> {
+        match self {
+            Connection::Mqtt(t) => t.request(request).await,
+            Connection::Https(t) => t.request(request).await,
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Connection::Mqtt(t) => t.close().await,
+            Connection::Https(t) => t.close().await,
+        }
+    }
 }
 
 /// Default wait between polls when DPS gives no retry-after.
@@ -123,46 +230,81 @@ const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 const MAX_CONNECT_FAILURES: u32 = 3;
 
 /// Registers with DPS: connects, sends the registration with the CSR, polls
-/// until a final answer, and returns the assignment. `tls` carries the bootstrap
-/// identity (X.509 attestation).
+/// until a final answer, and returns the assignment. `onboarding` carries the
+/// onboarding credential (see [`Onboarding`]).
 pub async fn register(
     cfg: &DpsConfig,
-    tls: Arc<rustls::ClientConfig>,
+    onboarding: &Onboarding,
     request: &RegistrationRequest,
 ) -> Result<Assignment, DpsError> {
     let body = wire::register_body(
         &cfg.registration_id,
         Some(&request.csr_base64),
         cfg.payload.as_ref(),
+        onboarding.tpm_keys(),
     );
-    let mut transport = mqtt::MqttTransport::new(cfg, tls);
+    let method = onboarding.method();
+    let tls = onboarding.tls();
+    let mut transport = match cfg.transport {
+        config::Transport::Mqtt => {
+            Connection::Mqtt(Box::new(mqtt::MqttTransport::new(cfg, tls, method)))
+        }
+        config::Transport::Https => Connection::Https(https::HttpsTransport::new(cfg, tls, method)),
+    };
+    let mut auth = onboarding.authorizer(cfg);
     let deadline = Instant::now() + cfg.attempt_timeout;
-    let result = run_attempt(&mut transport, &body, deadline, cfg.attempt_timeout).await;
+    let attempt = Attempt {
+        endpoint: cfg.endpoint.to_string(),
+        method,
+        deadline,
+        budget: cfg.attempt_timeout,
+    };
+    let result = run_attempt(&mut transport, &mut auth, &body, &attempt).await;
     transport.close().await;
     result
 }
 
-/// The transport-independent request/poll loop.
-async fn run_attempt(
-    transport: &mut mqtt::MqttTransport,
-    body: &[u8],
+/// The fixed facts of one attempt.
+struct Attempt {
+    endpoint: String,
+    method: Method,
     deadline: Instant,
     budget: Duration,
+}
+
+/// The transport-independent request/poll loop.
+async fn run_attempt(
+    transport: &mut Connection,
+    auth: &mut Authorizer<'_>,
+    body: &[u8],
+    attempt: &Attempt,
 ) -> Result<Assignment, DpsError> {
+    let (deadline, budget) = (attempt.deadline, attempt.budget);
     let mut operation: Option<String> = None;
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut polls = PollLimiter::new(5, Duration::from_secs(10));
     let mut connect_failures = 0u32;
     loop {
-        let request = match &operation {
-            None => Request::Register { body },
+        let op = match &operation {
+            None => Op::Register { body },
             Some(op) => {
                 polls.wait().await;
-                Request::Poll { operation_id: op }
+                Op::Poll { operation_id: op }
             }
         };
-        let outcome = match tokio::time::timeout_at(deadline, transport.request(request)).await {
-            Ok(r) => r,
+        let exchange = async {
+            let token = auth.token().await?;
+            let reply = transport
+                .request(Request {
+                    op,
+                    auth: token.as_ref(),
+                })
+                .await;
+            Ok::<_, DpsError>(reply)
+        };
+        let outcome = match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(DpsError::Timeout {
                     after: budget,
@@ -170,8 +312,18 @@ async fn run_attempt(
                 })
             }
         };
+        if let Ok(raw) = &outcome {
+            // TPM attestation: the first registration is answered 401 with the
+            // key to activate; then the registration is sent again, signed.
+            if raw.status == 401
+                && matches!(op, Op::Register { .. })
+                && auth.accept_challenge(&raw.body).await?
+            {
+                continue;
+            }
+        }
         let (wait, problem) = match outcome {
-            Ok(raw) => match wire::parse_reply(raw.status, raw.retry_after, &raw.body) {
+            Ok(raw) => match raw.interpret() {
                 Ok(Reply::Assigning {
                     operation_id,
                     retry_after,
@@ -190,7 +342,12 @@ async fn run_attempt(
                         None,
                     )
                 }
-                Ok(Reply::Assigned(state)) => return assignment(*state),
+                Ok(Reply::Assigned(state)) => {
+                    if let Some(key) = &state.tpm_authentication_key {
+                        auth.accept_assigned_key(key).await;
+                    }
+                    return assignment(*state);
+                }
                 Ok(Reply::Failed {
                     error_code,
                     message,
@@ -208,6 +365,13 @@ async fn run_attempt(
                         .unwrap_or_else(|| backoff.next_delay());
                     log::info!("DPS: {e}; retrying in {}s", wait.as_secs_f32());
                     (wait, Some(DpsError::Service(e)))
+                }
+                Ok(Reply::Error(e)) if e.status == 401 => {
+                    return Err(DpsError::AuthRefused {
+                        endpoint: attempt.endpoint.clone(),
+                        detail: e.to_string(),
+                        method: attempt.method,
+                    })
                 }
                 Ok(Reply::Error(e)) => return Err(DpsError::Service(e)),
                 Err(reason) => return Err(DpsError::Malformed { reason }),
@@ -237,6 +401,37 @@ async fn run_attempt(
             });
         }
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// A TLS failure as the DPS error that says what to do: an untrusted server,
+/// a refused client certificate, or just no handshake.
+fn classify_tls(tls: rustls::Error, endpoint: &str, method: Method) -> DpsError {
+    use rustls::AlertDescription as A;
+    let endpoint = endpoint.to_string();
+    match tls {
+        rustls::Error::InvalidCertificate(c) => DpsError::ServerNotTrusted {
+            endpoint,
+            reason: format!("its certificate is invalid ({c:?})"),
+        },
+        rustls::Error::AlertReceived(
+            a @ (A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateRequired
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate
+            | A::AccessDenied),
+        ) => DpsError::AuthRefused {
+            endpoint,
+            detail: format!("TLS alert {a:?}"),
+            method,
+        },
+        other => DpsError::Unreachable {
+            endpoint,
+            reason: format!("TLS handshake failed: {other}"),
+        },
     }
 }
 
@@ -309,6 +504,60 @@ mod tests {
         let d = l.delay_at(t0 + Duration::from_secs(1));
         assert_eq!(d, Duration::from_secs(9));
         assert_eq!(l.delay_at(t0 + Duration::from_secs(10)), Duration::ZERO);
+    }
+
+    #[test]
+    fn header_error_code_completes_the_body() {
+        let raw = RawReply {
+            status: 401,
+            body: br#"{"message":"bad sig"}"#.to_vec(),
+            error_code: Some("401002".into()),
+            ..Default::default()
+        };
+        let Ok(Reply::Error(e)) = raw.interpret() else {
+            panic!()
+        };
+        assert_eq!(
+            (e.error_code, e.message.as_deref()),
+            (Some(401002), Some("bad sig"))
+        );
+        // The body wins over the header; a non-numeric header fills an empty message.
+        let raw = RawReply {
+            status: 404,
+            body: br#"{"errorCode":404201}"#.to_vec(),
+            error_code: Some("404001".into()),
+            ..Default::default()
+        };
+        let Ok(Reply::Error(e)) = raw.interpret() else {
+            panic!()
+        };
+        assert_eq!(e.error_code, Some(404201));
+        let raw = RawReply {
+            status: 400,
+            error_code: Some("DeviceNotFound".into()),
+            ..Default::default()
+        };
+        let Ok(Reply::Error(e)) = raw.interpret() else {
+            panic!()
+        };
+        assert_eq!(e.message.as_deref(), Some("DeviceNotFound"));
+    }
+
+    #[test]
+    fn refusals_name_the_credential_and_the_fix() {
+        let e = |method| {
+            DpsError::AuthRefused {
+                endpoint: "dps:443".into(),
+                detail: "status 401".into(),
+                method,
+            }
+            .to_string()
+        };
+        assert_eq!(e(Method::X509), "DPS at dps:443 refused the bootstrap credential (status 401): check that the enrollment trusts the CA that issued the bootstrap certificate and that its CN is the registration id");
+        assert!(e(Method::SymmetricKey { group: true })
+            .contains("enrollment group's primary or secondary key"));
+        assert!(e(Method::SymmetricKey { group: false }).contains("device clock"));
+        assert!(e(Method::Tpm).contains("dps-agent tpm ek"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! DPS over MQTT 3.1.1 on TLS (rumqttc). Owns the connection: CONNECT with the
 //! registration id and the DPS username, SUBSCRIBE to the reply topic before any
 //! publish (again after every reconnect: DPS keeps no session), PUBLISH a request
-//! and wait for the reply carrying its `$rid`.
+//! and wait for the reply carrying its `$rid`. With symmetric-key attestation
+//! the SAS token of the request that opens a connection is its password (TLS
+//! then only authenticates the server).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +13,9 @@ use rumqttc::{
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
 
+use super::sas::SasToken;
 use super::wire;
-use super::{DpsError, RawReply, Request};
+use super::{classify_tls, find_rustls_error, DpsError, Method, Op, RawReply, Request};
 use crate::config::DpsConfig;
 
 /// Largest reply accepted. DPS messages are at most 96 KB.
@@ -23,8 +26,10 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) struct MqttTransport {
     options: MqttOptions,
     endpoint: String,
+    username: String,
     conn: Option<(AsyncClient, EventLoop)>,
     next_rid: u64,
+    method: Method,
 }
 
 /// `{idScope}/registrations/{registrationId}/api-version={v}&ClientVersion=…`.
@@ -39,13 +44,14 @@ pub(super) fn username(cfg: &DpsConfig) -> String {
 }
 
 impl MqttTransport {
-    pub(super) fn new(cfg: &DpsConfig, tls: Arc<rustls::ClientConfig>) -> Self {
+    pub(super) fn new(cfg: &DpsConfig, tls: Arc<rustls::ClientConfig>, method: Method) -> Self {
         let mut o = MqttOptions::new(
             cfg.registration_id.clone(),
             cfg.endpoint.host.clone(),
             cfg.endpoint.port,
         );
-        o.set_credentials(username(cfg), "");
+        let username = username(cfg);
+        o.set_credentials(username.clone(), "");
         o.set_keep_alive(Duration::from_secs(60));
         o.set_clean_session(true);
         o.set_max_packet_size(MAX_INCOMING, 64 * 1024);
@@ -53,21 +59,23 @@ impl MqttTransport {
         MqttTransport {
             options: o,
             endpoint: cfg.endpoint.to_string(),
+            username,
             conn: None,
             next_rid: 1,
+            method,
         }
     }
 
     /// Sends one request and waits for its reply, connecting first if needed.
     pub(super) async fn request(&mut self, request: Request<'_>) -> Result<RawReply, DpsError> {
         if self.conn.is_none() {
-            self.connect().await?;
+            self.connect(request.auth).await?;
         }
         let rid = self.next_rid;
         self.next_rid += 1;
-        let (topic, body) = match request {
-            Request::Register { body } => (wire::register_topic(rid), body.to_vec()),
-            Request::Poll { operation_id } => (wire::poll_topic(rid, operation_id), Vec::new()),
+        let (topic, body) = match request.op {
+            Op::Register { body } => (wire::register_topic(rid), body.to_vec()),
+            Op::Poll { operation_id } => (wire::poll_topic(rid, operation_id), Vec::new()),
         };
         let result = tokio::time::timeout(REPLY_TIMEOUT, self.exchange(&topic, body, rid)).await;
         let reply = match result {
@@ -89,7 +97,7 @@ impl MqttTransport {
         body: Vec<u8>,
         rid: u64,
     ) -> Result<RawReply, DpsError> {
-        let endpoint = self.endpoint.clone();
+        let (endpoint, method) = (self.endpoint.clone(), self.method);
         let (client, eventloop) = self.conn.as_mut().ok_or_else(|| DpsError::ConnectionLost {
             reason: "not connected".into(),
         })?;
@@ -115,24 +123,29 @@ impl MqttTransport {
                         status: t.status,
                         retry_after: t.retry_after,
                         body: p.payload.to_vec(),
+                        error_code: None,
                     });
                 }
                 Ok(_) => continue,
-                Err(e) => return Err(classify(e, &endpoint)),
+                Err(e) => return Err(classify(e, &endpoint, method)),
             }
         }
     }
 
-    async fn connect(&mut self) -> Result<(), DpsError> {
-        let endpoint = self.endpoint.clone();
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 16);
+    async fn connect(&mut self, auth: Option<&SasToken>) -> Result<(), DpsError> {
+        let (endpoint, method) = (self.endpoint.clone(), self.method);
+        let mut options = self.options.clone();
+        if let Some(token) = auth {
+            options.set_credentials(self.username.clone(), token.expose());
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
         eventloop.network_options.set_connection_timeout(15);
         let handshake = async {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => break,
                     Ok(_) => continue,
-                    Err(e) => return Err(classify(e, &endpoint)),
+                    Err(e) => return Err(classify(e, &endpoint, method)),
                 }
             }
             client
@@ -159,7 +172,7 @@ impl MqttTransport {
                         return Ok(());
                     }
                     Ok(_) => continue,
-                    Err(e) => return Err(classify(e, &endpoint)),
+                    Err(e) => return Err(classify(e, &endpoint, method)),
                 }
             }
         };
@@ -191,14 +204,15 @@ impl MqttTransport {
 }
 
 /// Turns a rumqttc error into a DPS error that says what to do.
-fn classify(e: ConnectionError, endpoint: &str) -> DpsError {
-    let endpoint = endpoint.to_string();
+fn classify(e: ConnectionError, endpoint: &str, method: Method) -> DpsError {
     if let ConnectionError::ConnectionRefused(code) = &e {
+        let endpoint = endpoint.to_string();
         return match code {
             ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword => {
                 DpsError::AuthRefused {
                     endpoint,
                     detail: format!("MQTT CONNACK {code:?}"),
+                    method,
                 }
             }
             other => DpsError::Service(wire::ServiceError {
@@ -209,31 +223,9 @@ fn classify(e: ConnectionError, endpoint: &str) -> DpsError {
         };
     }
     if let Some(tls) = find_rustls_error(&e) {
-        use rustls::AlertDescription as A;
-        return match tls {
-            rustls::Error::InvalidCertificate(c) => DpsError::ServerNotTrusted {
-                endpoint,
-                reason: format!("its certificate is invalid ({c:?})"),
-            },
-            rustls::Error::AlertReceived(
-                a @ (A::BadCertificate
-                | A::UnknownCA
-                | A::CertificateRequired
-                | A::CertificateUnknown
-                | A::CertificateExpired
-                | A::CertificateRevoked
-                | A::UnsupportedCertificate
-                | A::AccessDenied),
-            ) => DpsError::AuthRefused {
-                endpoint,
-                detail: format!("TLS alert {a:?}"),
-            },
-            other => DpsError::Unreachable {
-                endpoint,
-                reason: format!("TLS handshake failed: {other}"),
-            },
-        };
+        return classify_tls(tls, endpoint, method);
     }
+    let endpoint = endpoint.to_string();
     match &e {
         ConnectionError::Io(io) | ConnectionError::Tls(rumqttc::TlsError::Io(io)) => {
             use std::io::ErrorKind as K;
@@ -262,24 +254,4 @@ fn classify(e: ConnectionError, endpoint: &str) -> DpsError {
             reason: other.to_string(),
         },
     }
-}
-
-/// Finds a rustls error anywhere in an error's chain (tokio-rustls wraps it in
-/// an `io::Error`).
-fn find_rustls_error(e: &ConnectionError) -> Option<rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<rustls::Error>() {
-            return Some(r.clone());
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                    return Some(r.clone());
-                }
-            }
-        }
-        cur = err.source();
-    }
-    None
 }

@@ -10,17 +10,33 @@ use serde_json::{Map, Value};
 pub const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
 const RESPONSE_PREFIX: &str = "$dps/registrations/res/";
 
+/// The TPM's public keys for a TPM registration (`TpmAttestation`): each a
+/// marshalled TPM2B_PUBLIC, sent base64-encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct TpmKeys<'a> {
+    pub endorsement_key: &'a [u8],
+    pub storage_root_key: &'a [u8],
+}
+
 /// Builds the JSON body of a registration (`DeviceRegistration`).
 pub fn register_body(
     registration_id: &str,
     csr_base64: Option<&str>,
     payload: Option<&Value>,
+    tpm: Option<TpmKeys<'_>>,
 ) -> Vec<u8> {
     let mut m = Map::new();
     m.insert(
         "registrationId".into(),
         Value::String(registration_id.into()),
     );
+    if let Some(t) = tpm {
+        let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
+        let mut tm = Map::new();
+        tm.insert("endorsementKey".into(), b64(t.endorsement_key));
+        tm.insert("storageRootKey".into(), b64(t.storage_root_key));
+        m.insert("tpm".into(), Value::Object(tm));
+    }
     if let Some(csr) = csr_base64 {
         m.insert("csr".into(), Value::String(csr.into()));
     }
@@ -28,6 +44,19 @@ pub fn register_body(
         m.insert("payload".into(), p.clone());
     }
     Value::Object(m).to_string().into_bytes()
+}
+
+/// The TPM challenge in a 401 answer to a TPM registration without
+/// authorization: `{"authenticationKey": "<base64 blob>"}`. None when the body
+/// is anything else (a refusal).
+pub fn parse_tpm_challenge(body: &[u8]) -> Option<Vec<u8>> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let key = v.as_object()?.get("authenticationKey")?.as_str()?;
+    let key: String = key.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .ok()
+        .filter(|b| !b.is_empty())
 }
 
 /// MQTT topic of a register request.
@@ -110,6 +139,9 @@ pub struct RegistrationState {
     /// None when the field is absent or null.
     pub issued_chain: Option<Vec<Vec<u8>>>,
     pub payload: Option<Value>,
+    /// `tpm.authenticationKey` (decoded): the key a TPM device signs its IoT
+    /// Hub SAS tokens with. None when absent or not base64.
+    pub tpm_authentication_key: Option<Vec<u8>>,
 }
 
 /// A DPS error (`ProvisioningServiceErrorDetails`) with the status it came with.
@@ -234,6 +266,10 @@ fn parse_registration_state(m: &Map<String, Value>) -> Result<RegistrationState,
         substatus: str_field(m, "substatus")?,
         issued_chain,
         payload: m.get("payload").filter(|v| !v.is_null()).cloned(),
+        tpm_authentication_key: m
+            .get("tpm")
+            .and_then(|t| serde_json::to_vec(t).ok())
+            .and_then(|t| parse_tpm_challenge(&t)),
     })
 }
 
@@ -412,13 +448,54 @@ mod tests {
     fn register_body_shape() {
         let p = serde_json::json!({"modelId": "dtmi:x;1"});
         let b: Value =
-            serde_json::from_slice(&register_body("gw-1", Some("QUJD"), Some(&p))).unwrap();
+            serde_json::from_slice(&register_body("gw-1", Some("QUJD"), Some(&p), None)).unwrap();
         assert_eq!(
             b,
             serde_json::json!({"registrationId": "gw-1", "csr": "QUJD", "payload": {"modelId": "dtmi:x;1"}})
         );
-        let b: Value = serde_json::from_slice(&register_body("gw-1", None, None)).unwrap();
+        let b: Value = serde_json::from_slice(&register_body("gw-1", None, None, None)).unwrap();
         assert_eq!(b, serde_json::json!({"registrationId": "gw-1"}));
+        let tpm = TpmKeys {
+            endorsement_key: b"EK",
+            storage_root_key: b"SRK",
+        };
+        let b: Value =
+            serde_json::from_slice(&register_body("gw-1", Some("QUJD"), None, Some(tpm))).unwrap();
+        assert_eq!(
+            b,
+            serde_json::json!({"registrationId": "gw-1", "csr": "QUJD",
+                "tpm": {"endorsementKey": "RUs=", "storageRootKey": "U1JL"}})
+        );
+    }
+
+    #[test]
+    fn tpm_challenge_and_assigned_auth_key() {
+        assert_eq!(
+            parse_tpm_challenge(br#"{"authenticationKey":"QUJD\nREVG"}"#),
+            Some(b"ABCDEF".to_vec())
+        );
+        for body in [
+            &br#"{"errorCode":401002,"message":"unknown EK"}"#[..],
+            br#"{"authenticationKey":""}"#,
+            br#"{"authenticationKey":"%%"}"#,
+            br#"{"authenticationKey":5}"#,
+            b"[]",
+            b"",
+        ] {
+            assert_eq!(
+                parse_tpm_challenge(body),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let body = serde_json::json!({"operationId": "o", "status": "assigned", "registrationState": {
+            "assignedHub": "h", "deviceId": "d", "tpm": {"authenticationKey": "QUJD"}}});
+        let Reply::Assigned(s) = parse_reply(200, None, body.to_string().as_bytes()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(s.tpm_authentication_key, Some(b"ABC".to_vec()));
     }
 
     #[test]

@@ -15,24 +15,58 @@ use std::sync::Arc;
 
 use sha2::Digest as _;
 
-/// Key algorithms the agent can generate and use.
+/// What a key is. The agent generates and uses ECDSA keys ([`KeyAlgorithm::ALL`]);
+/// RSA keys are only ever opened, as bootstrap keys that came from elsewhere
+/// (an openssl-made `device.key`, an RSA key in a secure element).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum KeyAlgorithm {
     #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
     #[serde(rename = "ecdsa-p384")]
     EcdsaP384,
+    /// An RSA key of `bits` modulus bits (bootstrap keys only).
+    #[serde(rename = "rsa")]
+    Rsa { bits: u16 },
 }
 
 impl KeyAlgorithm {
-    /// Every algorithm, in the order shown to users.
+    /// Every algorithm the agent can generate (and operational keys may use),
+    /// in the order shown to users.
     pub const ALL: [KeyAlgorithm; 2] = [KeyAlgorithm::EcdsaP384, KeyAlgorithm::EcdsaP256];
 
-    /// The name used in the config file (`operational.key_algorithm`).
+    /// RSA modulus sizes accepted for bootstrap keys.
+    pub const RSA_BITS: std::ops::RangeInclusive<u16> = 2048..=4096;
+
+    /// The name used in the config file (`operational.key_algorithm`); RSA keys
+    /// are named `rsa-BITS` for the usual sizes.
     pub fn name(self) -> &'static str {
         match self {
             KeyAlgorithm::EcdsaP256 => "ecdsa-p256",
             KeyAlgorithm::EcdsaP384 => "ecdsa-p384",
+            KeyAlgorithm::Rsa { bits: 2048 } => "rsa-2048",
+            KeyAlgorithm::Rsa { bits: 3072 } => "rsa-3072",
+            KeyAlgorithm::Rsa { bits: 4096 } => "rsa-4096",
+            KeyAlgorithm::Rsa { .. } => "rsa",
+        }
+    }
+
+    /// Whether this is an RSA key.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, KeyAlgorithm::Rsa { .. })
+    }
+
+    /// The schemes a key of this algorithm can sign with, preferred first. An
+    /// ECDSA curve fixes its hash; RSA keys sign RSA-PSS (preferred; the only
+    /// RSA form TLS 1.3 allows) and PKCS#1 v1.5 with SHA-256/384/512.
+    pub fn schemes(self) -> Vec<SignScheme> {
+        match self {
+            KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => vec![self.default_scheme()],
+            KeyAlgorithm::Rsa { .. } => {
+                let hashes = [HashAlg::Sha256, HashAlg::Sha384, HashAlg::Sha512];
+                let pss = hashes.into_iter().map(SignScheme::RsaPss);
+                pss.chain(hashes.into_iter().map(SignScheme::RsaPkcs1))
+                    .collect()
+            }
         }
     }
 
@@ -41,19 +75,24 @@ impl KeyAlgorithm {
         Self::ALL.into_iter().find(|a| a.name() == name)
     }
 
-    /// The signature scheme used with this key for CSRs and TLS 1.3
-    /// (the curve fixes the hash: P-256 with SHA-256, P-384 with SHA-384).
+    /// The signature scheme used with this key for CSRs
+    /// (the curve fixes the hash: P-256 with SHA-256, P-384 with SHA-384;
+    /// RSA: sha256WithRSAEncryption, which every CA accepts).
     pub fn default_scheme(self) -> SignScheme {
         match self {
             KeyAlgorithm::EcdsaP256 => SignScheme::Ecdsa(HashAlg::Sha256),
             KeyAlgorithm::EcdsaP384 => SignScheme::Ecdsa(HashAlg::Sha384),
+            KeyAlgorithm::Rsa { .. } => SignScheme::RsaPkcs1(HashAlg::Sha256),
         }
     }
 }
 
 impl fmt::Display for KeyAlgorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            KeyAlgorithm::Rsa { bits } => write!(f, "rsa-{bits}"),
+            _ => f.write_str(self.name()),
+        }
     }
 }
 
@@ -83,6 +122,27 @@ impl HashAlg {
             HashAlg::Sha512 => 64,
         }
     }
+
+    /// The DER `DigestInfo` of a digest (RFC 8017 §9.2): what an RSA PKCS#1
+    /// v1.5 signature covers, and what a raw CKM_RSA_PKCS signer is given.
+    pub fn digest_info(self, digest: &[u8]) -> Vec<u8> {
+        // SEQUENCE { SEQUENCE { OID, NULL }, OCTET STRING } up to the digest.
+        let prefix: &[u8] = match self {
+            HashAlg::Sha256 => &[
+                0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x01, 0x05, 0x00, 0x04, 0x20,
+            ],
+            HashAlg::Sha384 => &[
+                0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x02, 0x05, 0x00, 0x04, 0x30,
+            ],
+            HashAlg::Sha512 => &[
+                0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x03, 0x05, 0x00, 0x04, 0x40,
+            ],
+        };
+        [prefix, digest].concat()
+    }
 }
 
 /// How a digest is turned into a signature.
@@ -90,13 +150,36 @@ impl HashAlg {
 pub enum SignScheme {
     /// ECDSA; the signature is returned DER-encoded (`Ecdsa-Sig-Value`).
     Ecdsa(HashAlg),
+    /// RSASSA-PKCS1-v1_5 (RFC 8017 §8.2) over a DigestInfo of the digest; the
+    /// signature is the modulus-sized big-endian integer.
+    RsaPkcs1(HashAlg),
+    /// RSASSA-PSS (RFC 8017 §8.1) with MGF1 over the same hash and a salt as
+    /// long as the digest (what TLS requires).
+    RsaPss(HashAlg),
 }
 
 impl SignScheme {
     pub fn hash(self) -> HashAlg {
         match self {
-            SignScheme::Ecdsa(h) => h,
+            SignScheme::Ecdsa(h) | SignScheme::RsaPkcs1(h) | SignScheme::RsaPss(h) => h,
         }
+    }
+
+    /// Whether this scheme needs an RSA key.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, SignScheme::RsaPkcs1(_) | SignScheme::RsaPss(_))
+    }
+}
+
+impl fmt::Display for SignScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (name, hash) = match self {
+            SignScheme::Ecdsa(h) => ("ECDSA", h),
+            SignScheme::RsaPkcs1(h) => ("RSA PKCS#1 v1.5", h),
+            SignScheme::RsaPss(h) => ("RSA-PSS", h),
+        };
+        let bits = hash.output_len() * 8;
+        write!(f, "{name} with SHA-{bits}")
     }
 }
 
@@ -199,7 +282,9 @@ impl KeyUri {
 }
 
 /// Replaces the value of every `pin-value=` attribute (RFC 7512) in a URI-ish
-/// string, wherever it appears.
+/// string, wherever it appears. The value runs to the next `&`: a query value
+/// may hold `?` and `/` unencoded, and in a URI the parser refuses, anything
+/// else (e.g. `;`) too, so stopping earlier would show the rest of the PIN.
 fn redact(s: &str) -> String {
     const ATTR: &str = "pin-value=";
     let mut out = String::with_capacity(s.len());
@@ -208,7 +293,7 @@ fn redact(s: &str) -> String {
         out.push_str(&rest[..i + ATTR.len()]);
         out.push_str("REDACTED");
         rest = &rest[i + ATTR.len()..];
-        let end = rest.find([';', '&', '?']).unwrap_or(rest.len());
+        let end = rest.find('&').unwrap_or(rest.len());
         rest = &rest[end..];
     }
     out.push_str(rest);
@@ -250,6 +335,13 @@ pub trait Key: Send + Sync {
     fn public_key_der(&self) -> &[u8];
     /// Signs a digest that the caller computed with `scheme.hash()`.
     fn sign_digest(&self, scheme: SignScheme, digest: &[u8]) -> Result<Vec<u8>, KeyError>;
+
+    /// The schemes this key can sign with, preferred first. By default every
+    /// scheme of its algorithm; a backend that lacks one (a token without
+    /// CKM_RSA_PKCS_PSS) leaves it out.
+    fn supported_schemes(&self) -> Vec<SignScheme> {
+        self.algorithm().schemes()
+    }
 
     /// Hashes `message` and signs it.
     fn sign_message(&self, scheme: SignScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
@@ -352,6 +444,37 @@ pub fn ecdsa_raw_to_der(algorithm: KeyAlgorithm, raw: &[u8]) -> Option<Vec<u8>> 
         KeyAlgorithm::EcdsaP384 => p384::ecdsa::Signature::from_slice(raw)
             .ok()
             .map(|s| s.to_der().as_bytes().to_vec()),
+        KeyAlgorithm::Rsa { .. } => None,
+    }
+}
+
+/// The DER SubjectPublicKeyInfo (rsaEncryption) of an RSA public key given as
+/// big-endian modulus and public exponent (as PKCS#11 and TPMs return them),
+/// and its size in bits. Refuses sizes outside [`KeyAlgorithm::RSA_BITS`].
+pub fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Result<(KeyAlgorithm, Vec<u8>), String> {
+    use rsa::pkcs8::EncodePublicKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    let n = rsa::BoxedUint::from_be_slice_vartime(modulus);
+    let e = rsa::BoxedUint::from_be_slice_vartime(exponent);
+    let key = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("not a usable RSA key: {e}"))?;
+    let bits = key.n().bits();
+    let algorithm = rsa_algorithm(bits)?;
+    let der = key
+        .to_public_key_der()
+        .map_err(|e| format!("cannot encode the RSA public key: {e}"))?;
+    Ok((algorithm, der.as_bytes().to_vec()))
+}
+
+/// The algorithm of an RSA key of `bits` modulus bits, if the size is accepted.
+pub fn rsa_algorithm(bits: u32) -> Result<KeyAlgorithm, String> {
+    match u16::try_from(bits) {
+        Ok(b) if KeyAlgorithm::RSA_BITS.contains(&b) => Ok(KeyAlgorithm::Rsa { bits: b }),
+        _ if bits < u32::from(*KeyAlgorithm::RSA_BITS.start()) => Err(format!(
+            "an RSA-{bits} key is too weak; use an RSA key of 2048 to 4096 bits or an EC P-256/P-384 key"
+        )),
+        _ => Err(format!(
+            "an RSA-{bits} key is larger than dps-agent accepts; use an RSA key of 2048 to 4096 bits or an EC P-256/P-384 key"
+        )),
     }
 }
 
@@ -400,6 +523,11 @@ impl Keys {
 
     pub fn settings(&self) -> &KeySettings {
         &self.settings
+    }
+
+    /// The TPM store itself (for DPS TPM attestation), connecting on first use.
+    pub fn tpm(&self) -> Result<Arc<tpm::TpmKeyStore>, KeyError> {
+        self.tpm.get()
     }
 
     /// The store that makes operational keys in `backend`.
@@ -495,6 +623,21 @@ mod tests {
         assert!(u.redacted().contains("module-name=x"));
         let e = KeyUri::parse("nope:pin-value=5555").unwrap_err();
         assert!(!e.to_string().contains("5555"));
+        // Found by fuzzing (fuzz/fuzz_targets/pkcs11_uri.rs): the value ended at
+        // the first ';' or '?', so the rest of such a PIN was shown.
+        for (uri, tail) in [
+            ("pkcs11:token=t?pin-value=t1:tok;he-pin", "he-pin"),
+            ("pkcs11:token=t?pin-value=12?34&module-name=x", "34"),
+        ] {
+            let u = KeyUri::parse(uri).unwrap();
+            assert!(!u.redacted().contains(tail), "{}", u.redacted());
+            assert!(!format!("{u:?}").contains(tail), "{u:?}");
+        }
+        let u = KeyUri::parse("pkcs11:token=t?pin-value=12?34&module-name=x").unwrap();
+        assert_eq!(
+            u.redacted(),
+            "pkcs11:token=t?pin-value=REDACTED&module-name=x"
+        );
     }
 
     #[test]
@@ -513,5 +656,58 @@ mod tests {
         let der = ecdsa_raw_to_der(KeyAlgorithm::EcdsaP384, &raw).unwrap();
         assert_eq!(der, vec![0x30, 6, 2, 1, 1, 2, 1, 2]);
         assert!(ecdsa_raw_to_der(KeyAlgorithm::EcdsaP256, &raw).is_none());
+        assert!(ecdsa_raw_to_der(KeyAlgorithm::Rsa { bits: 2048 }, &raw).is_none());
+    }
+
+    #[test]
+    fn digest_info_is_the_der_of_rfc_8017() {
+        use der::Encode as _;
+        for (hash, oid) in [
+            (HashAlg::Sha256, "2.16.840.1.101.3.4.2.1"),
+            (HashAlg::Sha384, "2.16.840.1.101.3.4.2.2"),
+            (HashAlg::Sha512, "2.16.840.1.101.3.4.2.3"),
+        ] {
+            let digest = hash.digest(b"m");
+            #[derive(der::Sequence)]
+            struct DigestInfo {
+                algorithm: spki::AlgorithmIdentifierOwned,
+                digest: der::asn1::OctetString,
+            }
+            let want = DigestInfo {
+                algorithm: spki::AlgorithmIdentifierOwned {
+                    oid: spki::ObjectIdentifier::new(oid).unwrap(),
+                    parameters: Some(der::Any::null()),
+                },
+                digest: der::asn1::OctetString::new(digest.clone()).unwrap(),
+            }
+            .to_der()
+            .unwrap();
+            assert_eq!(hash.digest_info(&digest), want, "{hash:?}");
+        }
+    }
+
+    #[test]
+    fn rsa_public_keys_from_modulus_and_exponent() {
+        use rsa::pkcs8::EncodePublicKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        let mut rng = rsa::rand_core::UnwrapErr(p256::elliptic_curve::common::getrandom::SysRng);
+        let k = rsa::RsaPrivateKey::new(&mut rng, 2048).unwrap();
+        let public = k.to_public_key();
+        let (alg, spki) = rsa_spki(&public.n().to_be_bytes(), &public.e().to_be_bytes()).unwrap();
+        assert_eq!(alg, KeyAlgorithm::Rsa { bits: 2048 });
+        assert_eq!(spki, public.to_public_key_der().unwrap().as_bytes());
+        // Leading zero bytes (as some tokens return them) change nothing.
+        let mut n = vec![0u8];
+        n.extend_from_slice(&public.n().to_be_bytes());
+        assert_eq!(rsa_spki(&n, &[1, 0, 1]).unwrap().1, spki);
+        assert!(rsa_algorithm(1024).unwrap_err().contains("too weak"));
+        assert!(rsa_algorithm(8192).unwrap_err().contains("larger than"));
+        assert_eq!(rsa_algorithm(3072), Ok(KeyAlgorithm::Rsa { bits: 3072 }));
+        assert_eq!(KeyAlgorithm::Rsa { bits: 3072 }.name(), "rsa-3072");
+        assert_eq!(
+            KeyAlgorithm::from_name("rsa-2048"),
+            None,
+            "never configurable"
+        );
     }
 }

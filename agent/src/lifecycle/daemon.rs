@@ -32,7 +32,9 @@ pub enum Command {
 pub async fn run(agent: Arc<Agent>, mut commands: mpsc::Receiver<Command>) {
     let mut announced: Option<i64> = None;
     let mut trouble = Backoff::new(Duration::from_secs(5), MAX_SLEEP);
+    let mut expiry_reported: Option<String> = None;
     loop {
+        let until_expiry = check_expiry(&agent, &mut expiry_reported);
         let step = match agent.next_step() {
             Ok(s) => {
                 trouble.reset();
@@ -63,13 +65,57 @@ pub async fn run(agent: Arc<Agent>, mut commands: mpsc::Receiver<Command>) {
                     announced = Some(at_ms);
                 }
                 let now = agent.clock.now_ms();
-                let wait = Duration::from_millis((at_ms - now).max(0) as u64).min(MAX_SLEEP);
+                let wait = Duration::from_millis((at_ms - now).max(0) as u64)
+                    .min(MAX_SLEEP)
+                    .min(until_expiry.unwrap_or(MAX_SLEEP));
                 if !sleep_or_command(&agent, wait, &mut commands).await {
                     return;
                 }
             }
         }
     }
+}
+
+/// The identity-expired hook: once per certificate, when its notAfter has
+/// passed without a successful renewal, logs the `IdentityExpired` event and
+/// republishes the status (its state becomes `expired` on D-Bus and in
+/// sd_notify). Returns the time left before the current certificate expires,
+/// so the loop wakes up then.
+fn check_expiry(agent: &Agent, reported: &mut Option<String>) -> Option<Duration> {
+    let status = agent.status.borrow().clone();
+    let (Some(not_after), Some(thumbprint)) = (status.not_after, status.thumbprint.as_deref())
+    else {
+        return None;
+    };
+    let now_ms = agent.clock.now_ms();
+    let left_ms = not_after.saturating_mul(1000) - now_ms;
+    if left_ms > 0 {
+        return Some(Duration::from_millis(left_ms as u64));
+    }
+    if reported.as_deref() != Some(thumbprint) {
+        *reported = Some(thumbprint.to_string());
+        let record = agent.record().clone();
+        agent.publish(&record);
+        let next = record.next_attempt_ms.unwrap_or(now_ms).max(now_ms);
+        crate::logging::event(
+            crate::logging::Event::IdentityExpired,
+            &crate::logging::Fields {
+                registration_id: Some(&status.registration_id),
+                device_id: status.device_id.as_deref(),
+                assigned_hub: status.assigned_hub.as_deref(),
+                not_after: Some(not_after),
+                thumbprint: Some(thumbprint),
+                next_renewal: Some(next.div_euclid(1000)),
+            },
+            format_args!(
+                "the identity expired: certificate {thumbprint} of device {} was valid until {} and no renewal succeeded; IoT Hub refuses the device until one does (next attempt at {})",
+                status.device_id.as_deref().unwrap_or("-"),
+                rfc3339(not_after),
+                rfc3339(next.div_euclid(1000))
+            ),
+        );
+    }
+    None
 }
 
 fn announce(agent: &Agent, at_ms: i64) {

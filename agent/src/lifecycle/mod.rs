@@ -23,6 +23,7 @@ use crate::clock::{rfc3339, Clock, SystemClock};
 use crate::config::{Attestation, Config};
 use crate::csr::{Csr, CsrError};
 use crate::dps::{self, DpsError, RegistrationRequest};
+use crate::hub::{self, CertificateReport, HubError, HubTarget};
 use crate::keys::{KeyError, KeySettings, KeyStore, KeyUri, Keys};
 use crate::status::Status;
 use crate::store::lifecycle::{LifecycleState, Pending, Phase, StateError};
@@ -61,6 +62,8 @@ pub enum ProvisionError {
     Store(#[from] StoreError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("the new certificate was not committed: {0}")]
+    Hub(#[from] HubError),
     #[error("stopped before the attempt finished")]
     Interrupted,
 }
@@ -70,7 +73,7 @@ impl ProvisionError {
     pub fn is_transient(&self) -> bool {
         match self {
             ProvisionError::Dps(e) => e.is_transient(),
-            ProvisionError::Interrupted => true,
+            ProvisionError::Interrupted | ProvisionError::Hub(_) => true,
             _ => false,
         }
     }
@@ -383,20 +386,36 @@ impl Agent {
             schedule::random_between,
         );
         let next = now_ms + delay.as_millis() as i64;
-        log::error!(
-            "{} failed: {e}; {}; next attempt at {} (in {}s)",
+        let shown = self.status.borrow().clone();
+        crate::logging::event(
             if has_identity {
-                "renewal"
+                crate::logging::Event::RenewalFailed
             } else {
-                "provisioning"
+                crate::logging::Event::ProvisioningFailed
             },
-            if has_identity {
-                "the current identity stays in use"
-            } else {
-                "the device has no identity yet"
+            &crate::logging::Fields {
+                registration_id: Some(&self.config.dps.registration_id),
+                device_id: shown.device_id.as_deref(),
+                assigned_hub: shown.assigned_hub.as_deref(),
+                not_after: shown.not_after,
+                thumbprint: shown.thumbprint.as_deref(),
+                next_renewal: Some(next.div_euclid(1000)),
             },
-            rfc3339(next.div_euclid(1000)),
-            delay.as_secs()
+            format_args!(
+                "{} failed: {e}; {}; next attempt at {} (in {}s)",
+                if has_identity {
+                    "renewal"
+                } else {
+                    "provisioning"
+                },
+                if has_identity {
+                    "the current identity stays in use"
+                } else {
+                    "the device has no identity yet"
+                },
+                rfc3339(next.div_euclid(1000)),
+                delay.as_secs()
+            ),
         );
         let message = e.to_string();
         if let Err(se) = self.update(|r| {
@@ -436,7 +455,7 @@ impl Agent {
     }
 
     /// The TLS configuration that presents the bootstrap credential.
-    fn bootstrap_tls(&self) -> Result<Arc<rustls::ClientConfig>, ProvisionError> {
+    fn bootstrap_tls(&self) -> Result<dps::Onboarding, ProvisionError> {
         let cfg = &self.config;
         match &cfg.dps.attestation {
             Attestation::X509 {
@@ -454,10 +473,13 @@ impl Agent {
                     self.clock.now(),
                     cfg.operational.max_clock_skew.as_secs(),
                 )?;
-                Ok(tls::client_config(
+                Ok(dps::Onboarding::x509(tls::client_config(
                     &cfg.dps.trust_bundle,
                     Some(boot.identity),
-                )?)
+                )?))
+            }
+            Attestation::SymmetricKey { .. } | Attestation::Tpm => {
+                Ok(dps::Onboarding::prepare(&cfg.dps, &self.backends)?)
             }
         }
     }
@@ -498,7 +520,7 @@ impl Agent {
     async fn register_and_commit(
         &self,
         key_uri: &KeyUri,
-        tls_config: Arc<rustls::ClientConfig>,
+        onboarding: dps::Onboarding,
         current: Option<&Identity>,
     ) -> Result<Identity, ProvisionError> {
         let cfg = &self.config;
@@ -513,7 +535,7 @@ impl Agent {
         );
         let assignment = dps::register(
             &cfg.dps,
-            tls_config,
+            &onboarding,
             &RegistrationRequest {
                 csr_base64: csr.to_base64(),
             },
@@ -549,6 +571,17 @@ impl Agent {
             }
         }
 
+        // The renewal time is drawn now so the twin can report it.
+        let schedule = schedule::schedule(
+            &verified.thumbprint,
+            verified.not_before,
+            verified.not_after,
+            &self.policy,
+            schedule::random_jitter,
+        );
+        self.prove_at_hub(&assignment, &verified, key.clone(), &schedule, now, current)
+            .await?;
+
         // The commit: nothing below awaits, so a stop request cannot split it.
         let final_uri = self.keys.commit(key_uri)?;
         let identity = Identity {
@@ -566,13 +599,6 @@ impl Agent {
             chain_pem: verified.to_pem(),
         };
         self.store.commit_identity(&identity)?;
-        let schedule = schedule::schedule(
-            &identity.thumbprint,
-            identity.not_before,
-            identity.not_after,
-            &self.policy,
-            schedule::random_jitter,
-        );
         let (renew_at, jitter_ms) = (schedule.renew_at_ms, schedule.jitter_ms);
         self.update(|r| {
             r.phase = Phase::Provisioned;
@@ -584,22 +610,145 @@ impl Agent {
             r.renewals += 1;
             r.schedule = Some(schedule);
         })?;
-        log::info!(
-            "{}: device {} on hub {}, certificate {} valid until {}; next renewal at {} (jitter {} ms)",
+        crate::logging::event(
             if current.is_some() {
-                "renewed"
+                crate::logging::Event::Renewed
             } else {
-                "provisioned"
+                crate::logging::Event::Provisioned
             },
-            identity.device_id,
-            identity.assigned_hub,
-            identity.thumbprint,
-            rfc3339(identity.not_after),
-            rfc3339(renew_at.div_euclid(1000)),
-            jitter_ms
+            &crate::logging::Fields {
+                registration_id: Some(&identity.registration_id),
+                device_id: Some(&identity.device_id),
+                assigned_hub: Some(&identity.assigned_hub),
+                not_after: Some(identity.not_after),
+                thumbprint: Some(&identity.thumbprint),
+                next_renewal: Some(renew_at.div_euclid(1000)),
+            },
+            format_args!(
+                "{}: device {} on hub {}, certificate {} valid until {}; next renewal at {} (jitter {} ms)",
+                if current.is_some() {
+                    "renewed"
+                } else {
+                    "provisioned"
+                },
+                identity.device_id,
+                identity.assigned_hub,
+                identity.thumbprint,
+                rfc3339(identity.not_after),
+                rfc3339(renew_at.div_euclid(1000)),
+                jitter_ms
+            ),
         );
         self.delete_unused_keys(Some(&identity.key_uri));
         Ok(identity)
+    }
+
+    /// The commit gate: connects to the assigned hub with the new identity
+    /// (CONNACK 0 proves the hub accepts it) and reports the certificate in the
+    /// twin. A refusal or an unreachable hub blocks the commit while a usable
+    /// identity exists; with none to protect, the new one is committed anyway
+    /// (it can only be better than nothing). A failed twin report never blocks.
+    async fn prove_at_hub(
+        &self,
+        assignment: &dps::Assignment,
+        verified: &chain::VerifiedChain,
+        key: Arc<dyn crate::keys::Key>,
+        schedule: &crate::store::lifecycle::Schedule,
+        now: i64,
+        current: Option<&Identity>,
+    ) -> Result<(), ProvisionError> {
+        let hub_cfg = &self.config.hub;
+        if !hub_cfg.verify_new_certificate && !hub_cfg.report_twin {
+            return Ok(());
+        }
+        let target = HubTarget {
+            host: assignment.assigned_hub.clone(),
+            port: hub_cfg.port,
+            device_id: assignment.device_id.clone(),
+            api_version: hub_cfg.api_version.clone(),
+        };
+        let report = hub_cfg.report_twin.then(|| CertificateReport {
+            valid_from: rfc3339(verified.not_before),
+            valid_until: rfc3339(verified.not_after),
+            issued_at: rfc3339(now),
+            thumbprint: verified.thumbprint.clone(),
+            renew_at: rfc3339(schedule.renew_at_ms.div_euclid(1000)),
+        });
+        let tls = tls::client_config(
+            &self.config.dps.trust_bundle,
+            Some(hub::identity(verified.presented().to_vec(), key)),
+        )?;
+        let outcome = hub::check(&target, tls, report.as_ref()).await;
+        match outcome {
+            Ok(o) => {
+                if let Some(e) = &o.twin_error {
+                    log::warn!("the certificate was accepted by IoT Hub {} but the twin report failed: {e}", target.host);
+                } else if let Some(v) = o.twin_version {
+                    log::info!("IoT Hub {} accepted the certificate; twin reported properties at version {v}", target.host);
+                } else {
+                    log::info!("IoT Hub {} accepted the certificate", target.host);
+                }
+                Ok(())
+            }
+            Err(e) if !hub_cfg.verify_new_certificate => {
+                log::warn!("could not report the certificate in the twin: {e}");
+                Ok(())
+            }
+            Err(e) if current.is_none() => {
+                log::warn!(
+                    "{e}; committing the new identity anyway: there is no other one to keep"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if e.is_refusal() {
+                    if let Some(cur) = current {
+                        self.check_current_at_hub(cur, &target).await;
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// After the hub refused a new certificate: does it still take the current
+    /// one? If not, say so loudly; the next attempt registers with DPS again.
+    async fn check_current_at_hub(&self, cur: &Identity, new_target: &HubTarget) {
+        let key = match self.keys.open(&cur.key_uri) {
+            Ok(k) => k,
+            Err(e) => {
+                log::warn!("cannot open the current key to test it at the hub: {e}");
+                return;
+            }
+        };
+        let chain = crate::chain::certs_from_pem(&cur.chain_pem).unwrap_or_default();
+        let presented: Vec<Vec<u8>> = match chain.len() {
+            0 | 1 => chain,
+            n => chain[..n - 1].to_vec(),
+        };
+        let target = HubTarget {
+            host: cur.assigned_hub.clone(),
+            device_id: cur.device_id.clone(),
+            ..new_target.clone()
+        };
+        let tls = match tls::client_config(
+            &self.config.dps.trust_bundle,
+            Some(hub::identity(presented, key)),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("cannot test the current identity at the hub: {e}");
+                return;
+            }
+        };
+        match hub::check(&target, tls, None).await {
+            Ok(_) => log::info!("IoT Hub {} still accepts the current certificate; keeping it", target.host),
+            Err(e) if e.is_refusal() => log::error!(
+                "IoT Hub {} refuses the current certificate as well ({e}); provisioning again through DPS at the next attempt",
+                target.host
+            ),
+            Err(e) => log::warn!("could not test the current certificate at the hub: {e}"),
+        }
     }
 
     /// Deletes operational keys this agent made that `keep` is not (left over

@@ -1,6 +1,6 @@
 //! The simulated DPS service: register and operation-status requests in, status + JSON body
-//! out, with the active faults applied. Transport independent (MQTT today, HTTPS could call the
-//! same two methods). Operations live in one server-wide map, so a device may poll after it
+//! out, with the active faults applied. Transport independent: MQTT (`mqtt.rs`) and HTTPS
+//! (`https.rs`) call the same two methods after authenticating the device. Operations live in one server-wide map, so a device may poll after it
 //! reconnected, as with the real service. Never touches sockets or files.
 
 use std::collections::{HashMap, HashSet};
@@ -55,11 +55,20 @@ pub struct DpsConfig {
     pub cert_validity: Duration,
 }
 
-/// Who is asking: taken from the authenticated connection.
+/// Who is asking: taken from the authenticated connection or request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestContext<'a> {
     pub registration_id: &'a str,
     pub api_version: &'a str,
+    /// Fields the authentication adds to an assigned `registrationState` (e.g.
+    /// `symmetricKey.enrollmentGroupId`, `tpm.authenticationKey`); taken at register time.
+    pub extra: Option<&'a Map<String, Value>>,
+}
+
+/// An error answer with the usual body (`errorCode`, `trackingId`, `message`,
+/// `timestampUtc`).
+pub fn error_outcome(status: u16, code: u32, message: String, retry_after: Option<u64>) -> Outcome {
+    Outcome::error(status, code, message, retry_after)
 }
 
 /// One answer: the status goes into the response topic, `retry_after` into its
@@ -135,6 +144,8 @@ struct Operation {
     created: OffsetDateTime,
     payload: Option<Value>,
     csr: Option<ValidCsr>,
+    /// Extra `registrationState` fields from the authentication.
+    extra: Option<Map<String, Value>>,
     /// Polls counted towards `polls_before_assign` (throttled polls do not count).
     polls: u32,
     poll_throttled: bool,
@@ -260,6 +271,7 @@ impl Dps {
                 created,
                 payload: request.payload,
                 csr,
+                extra: ctx.extra.cloned(),
                 polls: 0,
                 poll_throttled: false,
                 done: None,
@@ -463,6 +475,9 @@ impl Dps {
             if let Some(payload) = &op.payload {
                 state.insert("payload".into(), payload.clone());
             }
+            for (k, v) in op.extra.iter().flatten() {
+                state.insert(k.clone(), v.clone());
+            }
             if let Some(cert) = &issued {
                 let chain: Vec<String> = cert.chain.iter().map(|c| STANDARD.encode(c)).collect();
                 state.insert("issuedCertificateChain".into(), json!(chain));
@@ -625,6 +640,7 @@ mod tests {
         RequestContext {
             registration_id: REG,
             api_version: CSR_API_VERSION,
+            extra: None,
         }
     }
 
@@ -741,6 +757,7 @@ mod tests {
         let old = RequestContext {
             registration_id: REG,
             api_version: "2021-06-01",
+            extra: None,
         };
         let body = json!({"csr": csr(REG)}).to_string();
         let r = dps.register(old, body.as_bytes(), &none());
@@ -760,6 +777,7 @@ mod tests {
         let other = RequestContext {
             registration_id: "gw-0002",
             api_version: CSR_API_VERSION,
+            extra: None,
         };
         assert_eq!(
             dps.poll(other, r.operation_id.as_deref(), &none()).status,
@@ -1054,6 +1072,7 @@ mod tests {
         let other = RequestContext {
             registration_id: "gw-0002",
             api_version: CSR_API_VERSION,
+            extra: None,
         };
         assert!(dps.register(other, b"{}", &f).drop_connection);
         // Polls are never dropped.

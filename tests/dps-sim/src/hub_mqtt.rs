@@ -582,6 +582,7 @@ mod tests {
                 pki::BOOTSTRAP_ROOT,
             )])
             .unwrap(),
+            enrollments: crate::auth::Enrollments::new("0ne00000000", &[], &[], &[], 0),
             id_scope: "0ne00000000".into(),
             hub: Some(HubSide {
                 hub: Hub::new(HubConfig {

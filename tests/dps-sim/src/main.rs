@@ -7,13 +7,14 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use dps_sim::auth::{NamedKey, TpmEnrollment};
 use dps_sim::duration::HumanDuration;
 use dps_sim::faults::Fault;
 use dps_sim::pki;
 use dps_sim::server::{self, ServeOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Azure DPS device-protocol simulator (MQTT 3.1.1 over TLS) for tests and demos.
+/// Azure DPS device-protocol simulator (MQTT 3.1.1 over TLS, and HTTPS) for tests and demos.
 #[derive(Debug, Parser)]
 #[command(name = "dps-sim", version)]
 struct Cli {
@@ -48,8 +49,8 @@ struct ServeArgs {
     /// PKI directory written by `dps-sim pki`.
     #[arg(long, value_name = "DIR")]
     pki: PathBuf,
-    /// Written atomically once listening: {"mqtt_port": <u16>, "hub_port": <u16>|null,
-    /// "pid": <u32>}.
+    /// Written atomically once listening: {"mqtt_port": <u16>, "https_port": <u16>,
+    /// "hub_port": <u16>|null, "pid": <u32>}.
     #[arg(long, value_name = "PATH")]
     ready_file: PathBuf,
     /// JSON Lines events file (truncated at start).
@@ -61,6 +62,9 @@ struct ServeArgs {
     /// Port for MQTT over TLS; 0 lets the OS choose (see the ready file).
     #[arg(long, default_value_t = 0)]
     mqtt_port: u16,
+    /// Port for DPS over HTTPS; 0 lets the OS choose (see the ready file).
+    #[arg(long, default_value_t = 0)]
+    https_port: u16,
     /// ID scope devices must put in their username.
     #[arg(long, default_value = "0ne00000000")]
     id_scope: String,
@@ -95,6 +99,35 @@ struct ServeArgs {
     /// Where the hub writes the device twins (JSON, atomically) after every change.
     #[arg(long, value_name = "PATH", requires = "hub_port")]
     twin_file: Option<PathBuf>,
+    /// Individual symmetric-key enrollment: the registration id and its key (base64);
+    /// repeatable.
+    #[arg(long = "symmetric-key", value_name = "REGID=BASE64KEY")]
+    symmetric_keys: Vec<NamedKey>,
+    /// Symmetric-key enrollment group: a name and the group key (base64); any registration id
+    /// whose SAS token is signed with HMAC-SHA256(group key, registration id) is accepted.
+    /// Repeatable.
+    #[arg(long = "group-key", value_name = "NAME=BASE64KEY")]
+    group_keys: Vec<NamedKey>,
+    /// TPM enrollment: the registration id and the endorsement key as base64 TPM2B_PUBLIC
+    /// (what `dps-agent tpm ek` prints), or @FILE holding it; repeatable.
+    #[arg(long = "tpm-enrollment", value_name = "REGID=EK")]
+    tpm_enrollments: Vec<TpmEnrollment>,
+    /// Moves the simulator's clock for SAS expiry checks (e.g. 10m: tokens expire 10 minutes
+    /// early, as for a device whose clock is 10 minutes behind; -10m the other way).
+    #[arg(long, value_name = "[-]DUR", allow_hyphen_values = true)]
+    clock_offset: Option<String>,
+}
+
+/// `[-]DUR` in seconds, e.g. `10m`, `-90s`.
+fn parse_offset(text: &str) -> anyhow::Result<i64> {
+    let (sign, rest) = match text.strip_prefix('-') {
+        Some(r) => (-1, r),
+        None => (1, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let d: HumanDuration = rest
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--clock-offset {text:?}: {e}"))?;
+    Ok(sign * i64::try_from(d.as_duration().as_secs()).unwrap_or(i64::MAX))
 }
 
 fn fault_help() -> String {
@@ -136,6 +169,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         events: args.events,
         listen: args.listen,
         mqtt_port: args.mqtt_port,
+        https_port: args.https_port,
         id_scope: args.id_scope,
         trust_ca: args.trust_ca,
         assigned_hub: args.assigned_hub,
@@ -146,6 +180,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         control: args.control,
         hub_port: args.hub_port,
         twin_file: args.twin_file,
+        symmetric_keys: args.symmetric_keys,
+        group_keys: args.group_keys,
+        tpm_enrollments: args.tpm_enrollments,
+        clock_offset: match args.clock_offset.as_deref() {
+            None => 0,
+            Some(text) => parse_offset(text)?,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,7 +1,7 @@
 //! One device connection speaking DPS over MQTT 3.1.1: CONNECT checks (protocol level,
-//! client id, TLS chain, certificate CN, username), the response subscription, and the
-//! register / poll publishes handed to `dps.rs`. Framing is `wire.rs`. No session state
-//! survives a connection.
+//! client id, the credential — TLS chain and certificate CN, or without a certificate a SAS
+//! token as the password — and username), the response subscription, and the register / poll
+//! publishes handed to `dps.rs`. Framing is `wire.rs`. No session state survives a connection.
 
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ pub async fn serve_connection<S>(
         keep_alive: None,
         registration_id: String::new(),
         api_version: String::new(),
+        extra: None,
         granted: None,
     };
     let end = tokio::select! {
@@ -86,6 +87,8 @@ struct Session<'a, S> {
     keep_alive: Option<Duration>,
     registration_id: String,
     api_version: String,
+    /// `registrationState` fields from the authentication (the enrollment group).
+    extra: Option<serde_json::Map<String, Value>>,
     /// QoS granted to `$dps/registrations/res/#`, if subscribed.
     granted: Option<QoS>,
 }
@@ -95,6 +98,8 @@ struct Verdict {
     code: ConnectReturnCode,
     result: String,
     username: Option<topics::Username>,
+    /// How the device authenticated: `x509`, or `sas` with its enrollment.
+    auth: Option<(&'static str, Option<String>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
@@ -129,6 +134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     &cert_cn,
                     &result,
                     ConnectReturnCode::RefusedProtocolVersion,
+                    None,
                 );
                 self.wire
                     .send(Packet::ConnAck(ConnAck::new(
@@ -140,7 +146,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }
         };
         let verdict = self.judge(&connect, &cert_cn);
-        self.connect_event(Some(&connect), &cert_cn, &verdict.result, verdict.code);
+        self.connect_event(
+            Some(&connect),
+            &cert_cn,
+            &verdict.result,
+            verdict.code,
+            verdict.auth.clone(),
+        );
         // Sessions are never kept: session_present is always false.
         self.wire
             .send(Packet::ConnAck(ConnAck::new(verdict.code, false)))
@@ -149,6 +161,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Some(u) if verdict.code == ConnectReturnCode::Success => {
                 self.registration_id = connect.client_id;
                 self.api_version = u.api_version;
+                if let Some(group) = verdict
+                    .auth
+                    .and_then(|(_, e)| e)
+                    .and_then(|e| e.strip_prefix("group:").map(str::to_string))
+                {
+                    let mut m = serde_json::Map::new();
+                    m.insert("symmetricKey".into(), json!({ "enrollmentGroupId": group }));
+                    self.extra = Some(m);
+                }
                 self.keep_alive = wire::keep_alive_limit(connect.keep_alive);
                 Ok(())
             }
@@ -166,6 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             code,
             result,
             username: None,
+            auth: None,
         };
         let not_authorized = |result: String| refuse(ConnectReturnCode::NotAuthorized, result);
         if connect.protocol != Protocol::V4 {
@@ -180,21 +202,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 "empty client id; it must be the registration id".into(),
             );
         }
-        if let Err(reason) = self.sim.validator.validate(&self.peer.chain) {
-            return not_authorized(reason);
-        }
-        match cert_cn {
-            None => {
-                return not_authorized("client certificate has no single subject CN".into());
+        let password = connect
+            .login
+            .as_ref()
+            .map(|l| l.password.as_str())
+            .filter(|p| !p.is_empty());
+        let auth = match (self.peer.chain.is_empty(), password) {
+            // Symmetric key: no certificate, the SAS token is the password.
+            (true, Some(token)) => match self.sim.enrollments.verify_sas(token, &connect.client_id)
+            {
+                Ok(proof) => ("sas", Some(proof.enrollment())),
+                Err(reason) => return not_authorized(format!("SAS token refused: {reason}")),
+            },
+            (true, None) => {
+                return not_authorized(
+                    "no client certificate, and no SAS token as the password".into(),
+                )
             }
-            Some(cn) if *cn != connect.client_id => {
-                return not_authorized(format!(
-                    "client certificate CN {cn:?} does not match client id {:?}",
-                    connect.client_id
-                ));
+            (false, _) => {
+                if let Err(reason) = self.sim.validator.validate(&self.peer.chain) {
+                    return not_authorized(reason);
+                }
+                match cert_cn {
+                    None => {
+                        return not_authorized(
+                            "client certificate has no single subject CN".into(),
+                        );
+                    }
+                    Some(cn) if *cn != connect.client_id => {
+                        return not_authorized(format!(
+                            "client certificate CN {cn:?} does not match client id {:?}",
+                            connect.client_id
+                        ));
+                    }
+                    Some(_) => ("x509", None),
+                }
             }
-            Some(_) => {}
-        }
+        };
         let username =
             match topics::parse_username(connect.login.as_ref().map(|l| l.username.as_str())) {
                 Ok(u) => u,
@@ -216,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             code: ConnectReturnCode::Success,
             result: "accepted".into(),
             username: Some(username),
+            auth: Some(auth),
         }
     }
 
@@ -231,14 +276,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         cert_cn: &Option<String>,
         result: &str,
         code: ConnectReturnCode,
+        auth: Option<(&'static str, Option<String>)>,
     ) {
+        let (auth, enrollment) = match auth {
+            Some((a, e)) => (Some(a), e),
+            None => (None, None),
+        };
         self.emit(
             "connect",
             json!({
+                "transport": "mqtt",
+                "auth": auth,
+                "enrollment": enrollment,
                 "client_id": connect.map(|c| c.client_id.clone()),
                 "username": connect.and_then(|c| c.login.as_ref().map(|l| l.username.clone())),
                 "clean_session": connect.map(|c| c.clean_session),
                 "cert_cn": cert_cn,
+                "cert_chain_len": self.peer.chain.len(),
                 "result": result,
                 "connack": code as u8,
                 "fault": self.peer.tls_fault.map(|f| f.name()),
@@ -315,6 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let ctx = RequestContext {
             registration_id: &self.registration_id,
             api_version: &self.api_version,
+            extra: self.extra.as_ref(),
         };
         let (kind, operation_id) = match &topic {
             RequestTopic::Register { .. } => ("register", None),
@@ -323,6 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         self.emit(
             "request",
             json!({
+                "transport": "mqtt",
                 "kind": kind,
                 "rid": topic.rid(),
                 "operation_id": operation_id,
@@ -385,6 +441,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         self.emit(
             "response",
             json!({
+                "transport": "mqtt",
                 "rid": rid,
                 "status": (!outcome.drop_connection).then_some(outcome.status),
                 "retry_after": outcome.retry_after,
@@ -482,6 +539,7 @@ mod tests {
                 pki::BOOTSTRAP_ROOT,
             )])
             .unwrap(),
+            enrollments: crate::auth::Enrollments::new("0ne00000000", &[], &[], &[], 0),
             id_scope: "0ne00000000".into(),
             hub: None,
         };

@@ -1,8 +1,8 @@
-//! `dps-sim serve`: loads the PKI, listens (DPS, and the IoT Hub when asked), announces the
-//! ports in the ready file, accepts connections (one task each), applies the connection-level
-//! faults (`hub-unreachable`, `mitm`) and stops cleanly when told to. The per-connection
-//! protocols live in `mqtt.rs` (DPS) and `hub_mqtt.rs`, the service logic in `dps.rs` and
-//! `hub.rs`.
+//! `dps-sim serve`: loads the PKI, listens (DPS over MQTT and over HTTPS, and the IoT Hub when
+//! asked), announces the ports in the ready file, accepts connections (one task each), applies
+//! the connection-level faults (`hub-unreachable`, `mitm`) and stops cleanly when told to. The
+//! per-connection protocols live in `mqtt.rs` and `https.rs` (DPS) and `hub_mqtt.rs`, the
+//! service logic in `dps.rs` and `hub.rs`, the non-X.509 enrollments in `auth.rs`.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -18,14 +18,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::{Enrollments, NamedKey, TpmEnrollment};
 use crate::dps::{Dps, DpsConfig};
 use crate::duration::HumanDuration;
 use crate::events::{Events, Service};
 use crate::faults::{Fault, FaultSet, FaultSource};
 use crate::hub::{Hub, HubConfig};
 use crate::issue::CertIssuer;
-use crate::tls::{ClientChainValidator, ServerTls};
-use crate::{hub_mqtt, mqtt, pki};
+use crate::tls::{ClientAuth, ClientChainValidator, ServerTls};
+use crate::{https, hub_mqtt, mqtt, pki};
 
 /// Time allowed for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +41,8 @@ pub struct ServeOptions {
     pub events: Option<PathBuf>,
     pub listen: IpAddr,
     pub mqtt_port: u16,
+    /// Port of the DPS HTTPS listener (0 = OS-chosen).
+    pub https_port: u16,
     pub id_scope: String,
     /// Enrollment trust anchors; empty = `{pki}/bootstrap-root.pem`.
     pub trust_ca: Vec<PathBuf>,
@@ -53,6 +56,14 @@ pub struct ServeOptions {
     pub hub_port: Option<u16>,
     /// Where the hub writes the device twins after every change.
     pub twin_file: Option<PathBuf>,
+    /// Individual symmetric-key enrollments (`REGID=KEY`).
+    pub symmetric_keys: Vec<NamedKey>,
+    /// Symmetric-key enrollment groups (`NAME=KEY`).
+    pub group_keys: Vec<NamedKey>,
+    /// TPM enrollments (`REGID=EK`).
+    pub tpm_enrollments: Vec<TpmEnrollment>,
+    /// Seconds added to the real time when checking SAS expiry.
+    pub clock_offset: i64,
 }
 
 /// The IoT Hub half of the simulator.
@@ -71,6 +82,8 @@ pub struct Simulator {
     pub faults: FaultSource,
     /// The enrollment's onboarding trust (`--trust-ca`).
     pub validator: ClientChainValidator,
+    /// Symmetric-key and TPM enrollments.
+    pub enrollments: Enrollments,
     pub id_scope: String,
     pub hub: Option<HubSide>,
 }
@@ -129,20 +142,30 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> an
         events,
         faults: FaultSource::new(FaultSet::new(opts.faults.clone()), opts.control.clone()),
         validator,
+        enrollments: Enrollments::new(
+            &opts.id_scope,
+            &opts.symmetric_keys,
+            &opts.group_keys,
+            &opts.tpm_enrollments,
+            opts.clock_offset,
+        ),
         id_scope: opts.id_scope.clone(),
         hub,
     });
 
     let listener = bind(opts.listen, opts.mqtt_port).await?;
+    let https_listener = bind(opts.listen, opts.https_port).await?;
     let hub_listener = match opts.hub_port {
         Some(port) => Some(bind(opts.listen, port).await?),
         None => None,
     };
     let dps_port = local_port(&listener)?;
+    let https_port = local_port(&https_listener)?;
     let hub_port = hub_listener.as_ref().map(local_port).transpose()?;
-    write_ready_file(&opts.ready_file, dps_port, hub_port)?;
+    write_ready_file(&opts.ready_file, dps_port, https_port, hub_port)?;
     eprintln!(
-        "dps-sim: DPS listening on {}:{dps_port} (MQTT 3.1.1 over TLS), id scope {}, ready file {}",
+        "dps-sim: DPS listening on {}:{dps_port} (MQTT 3.1.1 over TLS) and {}:{https_port} (HTTPS), id scope {}, ready file {}",
+        opts.listen,
         opts.listen,
         opts.id_scope,
         opts.ready_file.display()
@@ -161,15 +184,16 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> an
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => accepted.map(|a| (Service::Dps, a)),
-            accepted = accept_opt(hub_listener.as_ref()) => accepted.map(|a| (Service::Hub, a)),
+            accepted = listener.accept() => accepted.map(|a| (Listener::DpsMqtt, a)),
+            accepted = https_listener.accept() => accepted.map(|a| (Listener::DpsHttps, a)),
+            accepted = accept_opt(hub_listener.as_ref()) => accepted.map(|a| (Listener::Hub, a)),
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         match accepted {
-            Ok((service, (tcp, peer))) => {
+            Ok((listener, (tcp, peer))) => {
                 next_conn += 1;
                 tasks.spawn(connection(
-                    service,
+                    listener,
                     tcp,
                     peer,
                     next_conn,
@@ -187,6 +211,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()>) -> an
     }
     eprintln!("dps-sim: shutting down");
     drop(listener);
+    drop(https_listener);
     drop(hub_listener);
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -220,8 +245,16 @@ async fn accept_opt(listener: Option<&TcpListener>) -> std::io::Result<(TcpStrea
     }
 }
 
+/// Which listener accepted a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    DpsMqtt,
+    DpsHttps,
+    Hub,
+}
+
 async fn connection(
-    service: Service,
+    listener: Listener,
     tcp: TcpStream,
     peer: SocketAddr,
     conn: u64,
@@ -229,6 +262,10 @@ async fn connection(
     sim: Arc<Simulator>,
     stop: watch::Receiver<bool>,
 ) {
+    let service = match listener {
+        Listener::Hub => Service::Hub,
+        Listener::DpsMqtt | Listener::DpsHttps => Service::Dps,
+    };
     let faults = sim.faults.current().await;
     if service == Service::Hub && faults.contains(Fault::HubUnreachable) {
         drop(tcp);
@@ -245,7 +282,12 @@ async fn connection(
         return;
     }
     let _ = tcp.set_nodelay(true);
-    let (config, tls_fault) = tls.for_faults(&faults);
+    // DPS asks for a client certificate but symmetric-key and TPM devices have none.
+    let client_auth = match service {
+        Service::Hub => ClientAuth::Required,
+        Service::Dps => ClientAuth::Optional,
+    };
+    let (config, tls_fault) = tls.for_faults(&faults, client_auth);
     let acceptor = TlsAcceptor::from(config);
     let tls_error = |message: String| {
         sim.events.emit(
@@ -275,20 +317,32 @@ async fn connection(
         chain,
         tls_fault,
     };
-    match (service, &sim.hub) {
-        (Service::Dps, _) => mqtt::serve_connection(stream, peer, &sim, stop).await,
-        (Service::Hub, Some(hub)) => {
+    match (listener, &sim.hub) {
+        (Listener::DpsMqtt, _) => mqtt::serve_connection(stream, peer, &sim, stop).await,
+        (Listener::DpsHttps, _) => https::serve_connection(stream, peer, sim.clone(), stop).await,
+        (Listener::Hub, Some(hub)) => {
             hub_mqtt::serve_connection(stream, peer, &sim, hub, stop).await;
         }
         // No hub listener exists without a hub.
-        (Service::Hub, None) => {}
+        (Listener::Hub, None) => {}
     }
 }
 
-/// Writes `{"mqtt_port": .., "hub_port": ..|null, "pid": ..}` atomically (temp file + rename).
-pub fn write_ready_file(path: &Path, port: u16, hub_port: Option<u16>) -> anyhow::Result<()> {
-    let body =
-        json!({"mqtt_port": port, "hub_port": hub_port, "pid": std::process::id()}).to_string();
+/// Writes `{"mqtt_port": .., "https_port": .., "hub_port": ..|null, "pid": ..}` atomically
+/// (temp file + rename).
+pub fn write_ready_file(
+    path: &Path,
+    port: u16,
+    https_port: u16,
+    hub_port: Option<u16>,
+) -> anyhow::Result<()> {
+    let body = json!({
+        "mqtt_port": port,
+        "https_port": https_port,
+        "hub_port": hub_port,
+        "pid": std::process::id()
+    })
+    .to_string();
     pki::write_atomic(path, body.as_bytes(), 0o644)
         .with_context(|| format!("cannot write the ready file {}", path.display()))
 }
@@ -301,14 +355,14 @@ mod tests {
     fn ready_file_with_and_without_hub() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ready.json");
-        write_ready_file(&path, 4000, None).unwrap();
+        write_ready_file(&path, 4000, 4002, None).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(
             v,
-            json!({"mqtt_port": 4000, "hub_port": null, "pid": std::process::id()})
+            json!({"mqtt_port": 4000, "https_port": 4002, "hub_port": null, "pid": std::process::id()})
         );
-        write_ready_file(&path, 4000, Some(4001)).unwrap();
+        write_ready_file(&path, 4000, 4002, Some(4001)).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(v["hub_port"], 4001);

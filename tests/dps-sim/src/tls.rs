@@ -1,8 +1,9 @@
 //! TLS for the simulator: the server identities (the real one, and the wrong-host one the
 //! `mitm` fault presents, each served by a `ResolvesServerCert`), a client-certificate verifier
-//! that requires a certificate and checks the handshake signature but accepts any chain, and
+//! that asks for a certificate (required by the hub; optional for DPS, where symmetric-key and
+//! TPM devices present none) and checks the handshake signature but accepts any chain, and
 //! the real chain validation done after the handshake, so an untrusted device gets an MQTT
-//! CONNACK 5 (as from DPS or IoT Hub) instead of a TLS alert.
+//! CONNACK 5 or an HTTP 401 (as from DPS or IoT Hub) instead of a TLS alert.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,11 +37,13 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Requires a client certificate and verifies the handshake signature with it, but accepts
-/// every chain: the chain is judged later by [`ClientChainValidator`].
+/// Asks for a client certificate (requires one when `mandatory`) and verifies the handshake
+/// signature with it, but accepts every chain: the chain is judged later by
+/// [`ClientChainValidator`].
 #[derive(Debug)]
 struct AcceptAnyClientCert {
     provider: Arc<CryptoProvider>,
+    mandatory: bool,
 }
 
 impl ClientCertVerifier for AcceptAnyClientCert {
@@ -49,7 +52,7 @@ impl ClientCertVerifier for AcceptAnyClientCert {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -110,13 +113,24 @@ impl ResolvesServerCert for Identity {
     }
 }
 
-/// The TLS server configurations: TLS 1.2 and 1.3, client certificate required (chain not
+/// Whether a listener requires a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// IoT Hub: devices always connect with their certificate.
+    Required,
+    /// DPS: X.509 devices present one, symmetric-key and TPM devices do not.
+    Optional,
+}
+
+/// The TLS server configurations: TLS 1.2 and 1.3, a client certificate asked for (chain not
 /// judged here), presenting either `server.pem` or, under `mitm`, `server-wronghost.pem`.
 /// The identity is chosen per connection, from the faults active when it was accepted.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     normal: Arc<ServerConfig>,
     wrong_host: Arc<ServerConfig>,
+    normal_optional: Arc<ServerConfig>,
+    wrong_host_optional: Arc<ServerConfig>,
 }
 
 impl ServerTls {
@@ -131,32 +145,46 @@ impl ServerTls {
         let (cert, key) = pki::wrong_host_identity(pki_dir)?;
         let wrong_host = CertifiedKey::from_der(cert, key, &provider)
             .map_err(|e| TlsError::Config(format!("wrong-host certificate and key: {e}")))?;
+        let (normal, wrong_host) = (Arc::new(normal), Arc::new(wrong_host));
         Ok(ServerTls {
-            normal: config(provider.clone(), normal)?,
-            wrong_host: config(provider, wrong_host)?,
+            normal: config(provider.clone(), normal.clone(), true)?,
+            wrong_host: config(provider.clone(), wrong_host.clone(), true)?,
+            normal_optional: config(provider.clone(), normal, false)?,
+            wrong_host_optional: config(provider, wrong_host, false)?,
         })
     }
 
     /// The configuration for a connection accepted while `faults` are active, and the fault
     /// that chose it (`mitm`), if any.
-    pub fn for_faults(&self, faults: &FaultSet) -> (Arc<ServerConfig>, Option<Fault>) {
-        if faults.contains(Fault::Mitm) {
-            (self.wrong_host.clone(), Some(Fault::Mitm))
-        } else {
-            (self.normal.clone(), None)
-        }
+    pub fn for_faults(
+        &self,
+        faults: &FaultSet,
+        client_auth: ClientAuth,
+    ) -> (Arc<ServerConfig>, Option<Fault>) {
+        let mitm = faults.contains(Fault::Mitm);
+        let config = match (mitm, client_auth) {
+            (false, ClientAuth::Required) => &self.normal,
+            (true, ClientAuth::Required) => &self.wrong_host,
+            (false, ClientAuth::Optional) => &self.normal_optional,
+            (true, ClientAuth::Optional) => &self.wrong_host_optional,
+        };
+        (config.clone(), mitm.then_some(Fault::Mitm))
     }
 }
 
 fn config(
     provider: Arc<CryptoProvider>,
-    identity: CertifiedKey,
+    identity: Arc<CertifiedKey>,
+    mandatory: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(AcceptAnyClientCert { provider }))
-        .with_cert_resolver(Arc::new(Identity(Arc::new(identity))));
+        .with_client_cert_verifier(Arc::new(AcceptAnyClientCert {
+            provider,
+            mandatory,
+        }))
+        .with_cert_resolver(Arc::new(Identity(identity)));
     Ok(Arc::new(config))
 }
 
@@ -299,7 +327,7 @@ mod tests {
     /// Runs the first TLS round trip against the server config `faults` select and returns
     /// the certificate the server presented.
     fn presented(tls: &ServerTls, faults: &FaultSet) -> (Vec<u8>, Option<Fault>) {
-        let (config, fault) = tls.for_faults(faults);
+        let (config, fault) = tls.for_faults(faults, ClientAuth::Required);
         let client_config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()

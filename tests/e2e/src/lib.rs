@@ -12,6 +12,7 @@ use serde_json::Value;
 
 pub mod daemon;
 pub mod dbus;
+pub mod mosquitto;
 pub mod softhsm;
 pub mod swtpm;
 
@@ -135,6 +136,8 @@ pub struct SimOptions {
     pub cert_validity: Option<String>,
     pub faults: Vec<String>,
     pub extra: Vec<String>,
+    /// Also run the IoT Hub simulator (`--hub-port 0`, twins in `twins.json`).
+    pub hub: bool,
 }
 
 /// A running `dps-sim serve`. Killed on drop.
@@ -145,6 +148,11 @@ pub struct Sim {
     pub pki: Pki,
     pub control: PathBuf,
     pub log: PathBuf,
+    /// The hub simulator's port, when it runs.
+    pub hub_port: Option<u16>,
+    pub twin_file: PathBuf,
+    /// DPS over HTTPS (`https_port` of the ready file).
+    pub https_port: u16,
 }
 
 impl Sim {
@@ -179,17 +187,24 @@ impl Sim {
         for f in &opts.faults {
             cmd.arg("--fault").arg(f);
         }
+        let twin_file = dir.join("twins.json");
+        if opts.hub {
+            cmd.arg("--hub-port")
+                .arg("0")
+                .arg("--twin-file")
+                .arg(&twin_file);
+        }
         cmd.args(&opts.extra);
         let logfile = fs::File::create(&log).expect("sim log");
         cmd.stdout(Stdio::from(logfile.try_clone().expect("log fd")))
             .stderr(Stdio::from(logfile));
         let mut child = cmd.spawn().expect("start dps-sim");
         let deadline = Instant::now() + Duration::from_secs(30);
-        let port = loop {
+        let (port, hub_port) = loop {
             if let Ok(t) = fs::read_to_string(&ready) {
                 if let Ok(v) = serde_json::from_str::<Value>(&t) {
                     if let Some(p) = v["mqtt_port"].as_u64() {
-                        break p as u16;
+                        break (p as u16, v["hub_port"].as_u64().map(|h| h as u16));
                     }
                 }
             }
@@ -202,6 +217,12 @@ impl Sim {
             assert!(Instant::now() < deadline, "dps-sim did not become ready");
             std::thread::sleep(Duration::from_millis(50));
         };
+        // The ready file is written once, atomically: read the HTTPS port too.
+        let https_port = fs::read_to_string(&ready)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["https_port"].as_u64())
+            .map_or(0, |p| p as u16);
         Sim {
             child,
             port,
@@ -209,7 +230,18 @@ impl Sim {
             pki: pki.clone(),
             control,
             log,
+            hub_port,
+            twin_file,
+            https_port,
         }
+    }
+
+    /// The hub simulator's device twins (`{deviceId: {reported, version}}`).
+    pub fn twins(&self) -> Value {
+        fs::read_to_string(&self.twin_file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null)
     }
 
     /// Every event recorded so far.
@@ -222,11 +254,11 @@ impl Sim {
         fs::write(&self.control, faults.join("\n") + "\n").expect("write faults");
     }
 
-    /// Number of MQTT connections seen.
+    /// Number of connections to the simulated DPS (hub connections not counted).
     pub fn connections(&self) -> usize {
         self.events()
             .iter()
-            .filter(|e| e["event"] == "connect")
+            .filter(|e| e["event"] == "connect" && e["service"] != "hub")
             .count()
     }
 }
@@ -258,6 +290,8 @@ pub struct AgentSetup {
     pub state_dir: PathBuf,
     pub key_backend: String,
     pub key_algorithm: String,
+    /// The body of the `[hub]` table.
+    pub hub: String,
     /// Extra TOML appended verbatim.
     pub extra: String,
 }
@@ -273,6 +307,11 @@ impl AgentSetup {
             state_dir: dir.join("state"),
             key_backend: "file".into(),
             key_algorithm: "ecdsa-p384".into(),
+            // With the hub simulator: its port. Without one: no hub step.
+            hub: match sim.hub_port {
+                Some(p) => format!("port = {p}\n"),
+                None => "verify_new_certificate = false\nreport_twin = false\n".into(),
+            },
             extra: String::new(),
         }
     }
@@ -297,6 +336,9 @@ key_algorithm = "{alg}"
 
 [state]
 dir = "{state}"
+
+[hub]
+{hub}
 {extra}
 "#,
             endpoint = self.endpoint,
@@ -306,6 +348,7 @@ dir = "{state}"
             backend = self.key_backend,
             alg = self.key_algorithm,
             state = self.state_dir.display(),
+            hub = self.hub,
             extra = self.extra,
         )
     }
@@ -313,6 +356,33 @@ dir = "{state}"
     /// Writes the config file and returns its path.
     pub fn write(&self, path: &Path) -> PathBuf {
         fs::write(path, self.toml()).expect("write config");
+        path.to_path_buf()
+    }
+
+    /// The config with `[dps] transport` set and another `[dps.attestation]`
+    /// table (`attestation` = its lines, without the header), for the
+    /// onboarding methods other than X.509 (identity_cert/identity_key unused).
+    pub fn toml_with(&self, transport: &str, attestation: &str) -> String {
+        let text = self.toml();
+        let start = text
+            .find("[dps.attestation]\n")
+            .expect("an attestation table");
+        let end = start + text[start..].find("\n[").expect("a table after it");
+        format!(
+            "{}[dps.attestation]\n{attestation}\n{}",
+            &text[..start],
+            &text[end..]
+        )
+        .replacen(
+            "[dps]\n",
+            &format!("[dps]\ntransport = \"{transport}\"\n"),
+            1,
+        )
+    }
+
+    /// Writes [`AgentSetup::toml_with`] and returns the path.
+    pub fn write_with(&self, path: &Path, transport: &str, attestation: &str) -> PathBuf {
+        fs::write(path, self.toml_with(transport, attestation)).expect("write config");
         path.to_path_buf()
     }
 }

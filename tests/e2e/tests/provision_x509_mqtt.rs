@@ -361,6 +361,7 @@ fn check_config_names_the_problem() {
         state_dir: d.join("state"),
         key_backend: "file".into(),
         key_algorithm: "ecdsa-p384".into(),
+        hub: String::new(),
         extra: String::new(),
     };
     let cfg = setup.write(&d.join("config.toml"));

@@ -11,6 +11,9 @@ use dps_agent_e2e::daemon::Daemon;
 use dps_agent_e2e::*;
 use serde_json::Value;
 
+/// The TCTI of the swtpm holding the keys, when the crash test runs on a TPM.
+static TPM_TCTI: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn identity(state: &Path) -> Value {
     serde_json::from_str(&fs::read_to_string(state.join("identity.json")).expect("identity.json"))
         .expect("identity.json is JSON")
@@ -39,11 +42,11 @@ fn leaf_matches_key(state: &Path, scratch: &Path) -> Result<(), String> {
 
 fn committed_leaf_matches_key(state: &Path, scratch: &Path, exported: bool) -> Result<(), String> {
     let id = identity(state);
+    let uri = id["key_uri"].as_str().unwrap_or_default();
     let key = PathBuf::from(
-        id["key_uri"]
-            .as_str()
-            .and_then(|u| u.strip_prefix("file:"))
-            .ok_or("key_uri is not a file: URI")?,
+        uri.strip_prefix("file:")
+            .or_else(|| uri.strip_prefix("tpm:"))
+            .ok_or("key_uri is not a file: or tpm: URI")?,
     );
     if !key.exists() {
         return Err(format!(
@@ -62,7 +65,34 @@ fn committed_leaf_matches_key(state: &Path, scratch: &Path, exported: bool) -> R
     let leaf = split_pem(&chain).into_iter().next().ok_or("empty chain")?;
     let leaf_file = scratch.join("leaf-check.pem");
     fs::write(&leaf_file, leaf).map_err(|e| e.to_string())?;
-    if cert_pubkey(&leaf_file) != key_pubkey(&key) {
+    let public = match (uri.starts_with("tpm:"), TPM_TCTI.get()) {
+        (true, Some(tcti)) => {
+            let o = run(std::process::Command::new("openssl")
+                .args([
+                    "pkey",
+                    "-provider",
+                    "tpm2",
+                    "-provider",
+                    "default",
+                    "-pubout",
+                    "-in",
+                ])
+                .arg(&key)
+                .env("TPM2OPENSSL_TCTI", tcti)
+                .env("TSS2_LOG", "all+NONE"));
+            if !o.status.success() {
+                return Err(format!(
+                    "tpm2-openssl cannot read {}: {}",
+                    key.display(),
+                    text(&o)
+                ));
+            }
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        }
+        (true, None) => return Err("a tpm: key but no TPM in this test".into()),
+        (false, _) => key_pubkey(&key),
+    };
+    if cert_pubkey(&leaf_file) != public {
         return Err("the leaf's public key is not the stored key's".into());
     }
     Ok(())
@@ -167,7 +197,19 @@ fn survives_sigkill_at_random_moments_during_renewals() {
             ..Default::default()
         },
     );
-    let (cfg, state) = file_setup(&d, &sim, "");
+    // `make soak` runs this with the keys in swtpm.
+    let tpm = (std::env::var("DPS_AGENT_CRASH_BACKEND").as_deref() == Ok("tpm"))
+        .then(|| dps_agent_e2e::swtpm::Swtpm::start(&d.join("swtpm")));
+    let (cfg, state) = match &tpm {
+        Some(t) => {
+            let _ = TPM_TCTI.set(t.tcti());
+            let mut setup = AgentSetup::for_sim(&d.path, &sim);
+            setup.key_backend = "tpm".into();
+            setup.extra = format!("[tpm]\ntcti = \"{}\"\n", t.tcti());
+            (setup.write(&d.join("config.toml")), setup.state_dir)
+        }
+        None => file_setup(&d, &sim, ""),
+    };
     let mut daemon = Daemon::start(&cfg, &state, &d.join("agent.log"));
     daemon.wait_for("provisioning", Duration::from_secs(30), |d| {
         d.status()["state"] == "provisioned"

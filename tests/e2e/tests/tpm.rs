@@ -396,6 +396,7 @@ fn permission_denied_on_the_device_names_group_tss() {
         state_dir: d.join("state"),
         key_backend: "tpm".into(),
         key_algorithm: "ecdsa-p384".into(),
+        hub: String::new(),
         extra: format!("\n[tpm]\ntcti = \"device:{}\"\n", s(&device)),
     };
     let cfg = setup.write(&d.join("config.toml"));

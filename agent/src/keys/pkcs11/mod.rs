@@ -7,7 +7,10 @@
 //! 16-byte CKA_ID and CKA_LABEL = its name. Operational keys carry the label
 //! `NAME.pending` until [`KeyStore::commit`] renames them to `NAME`. Signing is
 //! CKM_ECDSA over the caller's digest; the public key is read from the token's
-//! public-key object. The private key never leaves the token, and the PIN never
+//! public-key object. RSA keys already in a token (secure elements often hold
+//! RSA-2048 onboarding keys) are opened too, never made: their public key comes
+//! from CKA_MODULUS and CKA_PUBLIC_EXPONENT, and they sign with CKM_RSA_PKCS_PSS
+//! (when the token has it) or CKM_RSA_PKCS over a DigestInfo. The private key never leaves the token, and the PIN never
 //! appears in a log line, an error or a `Debug` string.
 //!
 //! [`Pkcs11Stores`] is what `keys::Keys` holds: it opens one store per token on
@@ -24,7 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cryptoki::error::RvError;
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
@@ -34,8 +38,8 @@ pub use token::TokenFilter;
 pub use uri::{ObjectType, PathAttr, Pkcs11Uri, QueryAttr, UriError};
 
 use super::{
-    check_key_name, ecdsa_raw_to_der, Backend, Key, KeyAlgorithm, KeyError, KeyStore, KeyUri,
-    SignScheme,
+    check_key_name, ecdsa_raw_to_der, Backend, HashAlg, Key, KeyAlgorithm, KeyError, KeyStore,
+    KeyUri, SignScheme,
 };
 use crate::config::Pkcs11Config;
 use token::{Module, Token, TokenError};
@@ -300,6 +304,13 @@ impl Pkcs11KeyStore {
 
     /// Makes a key pair labelled `label` (checked by the caller).
     fn generate_labeled(&self, label: &str, algorithm: KeyAlgorithm) -> Result<KeyUri, KeyError> {
+        if algorithm.is_rsa() {
+            return Err(KeyError::Unsupported {
+                backend: Backend::Pkcs11,
+                what: "making RSA keys".into(),
+                hint: "; dps-agent makes ECDSA keys (an RSA key already in the token can be used for onboarding by its URI)".into(),
+            });
+        }
         let id: [u8; ID_LEN] = rand::random();
         let token = &self.token;
         token.with_session("make a key pair", |s, _| {
@@ -426,10 +437,105 @@ impl Pkcs11KeyStore {
         public_key::spki_from_attributes(&params, &point).map_err(bad)
     }
 
+    /// The algorithm and SubjectPublicKeyInfo of an RSA private key, from
+    /// CKA_MODULUS and CKA_PUBLIC_EXPONENT of the private-key object (which
+    /// carries both on most tokens), else of its public-key object.
+    fn rsa_public_key_of(
+        &self,
+        uri: &KeyUri,
+        s: &Session,
+        private: ObjectHandle,
+        label: &str,
+        id: &[u8],
+    ) -> Result<(KeyAlgorithm, Vec<u8>), KeyError> {
+        let bad = |reason: String| -> KeyError {
+            Pkcs11Error::BadKey {
+                uri: uri.redacted(),
+                reason,
+            }
+            .into()
+        };
+        /// CKA_MODULUS and CKA_PUBLIC_EXPONENT, when the object shows them.
+        type Parts = (Option<Vec<u8>>, Option<Vec<u8>>);
+        let read = |h: ObjectHandle| -> Result<Parts, KeyError> {
+            let attrs = s
+                .get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                .map_err(self.token.call("read the public key"))?;
+            let (mut n, mut e) = (None, None);
+            for a in attrs {
+                match a {
+                    Attribute::Modulus(v) if !v.is_empty() => n = Some(v),
+                    Attribute::PublicExponent(v) if !v.is_empty() => e = Some(v),
+                    _ => {}
+                }
+            }
+            Ok((n, e))
+        };
+        let mut found = read(private)?;
+        if found.0.is_none() || found.1.is_none() {
+            if let Some(&public) = self.public_halves(s, label, id)?.first() {
+                found = read(public)?;
+            }
+        }
+        let (Some(n), Some(e)) = found else {
+            return Err(bad("neither the RSA private key nor a public-key object with its CKA_ID shows CKA_MODULUS and CKA_PUBLIC_EXPONENT".into()));
+        };
+        super::rsa_spki(&n, &e).map_err(bad)
+    }
+
+    /// The RSA schemes the token can sign with: PSS needs CKM_RSA_PKCS_PSS,
+    /// PKCS#1 v1.5 needs CKM_RSA_PKCS (given the DigestInfo).
+    fn rsa_schemes(
+        &self,
+        uri: &KeyUri,
+        s: &Session,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Vec<SignScheme>, KeyError> {
+        let slot = s
+            .get_session_info()
+            .map_err(self.token.call("read the session information"))?
+            .slot_id();
+        let offered = self
+            .token
+            .module()
+            .ctx()
+            .get_mechanism_list(slot)
+            .map_err(self.token.call("list the token's mechanisms"))?;
+        let pss = offered.contains(&MechanismType::RSA_PKCS_PSS);
+        let v15 = offered.contains(&MechanismType::RSA_PKCS);
+        let schemes: Vec<SignScheme> = algorithm
+            .schemes()
+            .into_iter()
+            .filter(|s| match s {
+                SignScheme::RsaPss(_) => pss,
+                SignScheme::RsaPkcs1(_) => v15,
+                SignScheme::Ecdsa(_) => false,
+            })
+            .collect();
+        if schemes.is_empty() {
+            return Err(Pkcs11Error::BadKey {
+                uri: uri.redacted(),
+                reason: format!(
+                    "token {} offers neither CKM_RSA_PKCS_PSS nor CKM_RSA_PKCS, so it cannot sign with this RSA key",
+                    self.token.name()
+                ),
+            }
+            .into());
+        }
+        if !pss {
+            log::warn!(
+                "token {} has no CKM_RSA_PKCS_PSS: {} can sign only PKCS#1 v1.5, which TLS 1.2 accepts and TLS 1.3 does not",
+                self.token.name(),
+                uri.redacted()
+            );
+        }
+        Ok(schemes)
+    }
+
     fn open_parsed(&self, uri: &KeyUri, p: &Pkcs11Uri) -> Result<Arc<dyn Key>, KeyError> {
         self.check_token(uri, p)?;
         let loc = Locator::of(uri, p, false)?;
-        let (handle, generation, label, id, algorithm, spki) = self
+        let (handle, generation, label, id, algorithm, spki, schemes) = self
             .token
             .with_session::<_, KeyError>("open a key", |s, generation| {
                 let Some(h) = self.find_private(uri, s, &loc)? else {
@@ -438,16 +544,26 @@ impl Pkcs11KeyStore {
                 let key_type = s
                     .get_attributes(h, &[AttributeType::KeyType])
                     .map_err(self.token.call("read a key's attributes"))?;
-                if !key_type.contains(&Attribute::KeyType(KeyType::EC)) {
+                let is_rsa = key_type.contains(&Attribute::KeyType(KeyType::RSA));
+                if !is_rsa && !key_type.contains(&Attribute::KeyType(KeyType::EC)) {
                     return Err(KeyError::from(Pkcs11Error::BadKey {
                         uri: uri.redacted(),
-                        reason: "it is not an EC key; dps-agent uses EC P-256 and P-384 keys"
+                        reason: "it is neither an EC nor an RSA key; dps-agent uses EC P-256 and P-384 keys, and RSA keys of 2048 to 4096 bits for onboarding"
                             .into(),
                     }));
                 }
                 let (label, id) = self.label_and_id(s, h)?;
-                let (algorithm, spki) = self.public_key_of(uri, s, &label, &id)?;
-                Ok(Some((h, generation, label, id, algorithm, spki)))
+                let (algorithm, spki) = if is_rsa {
+                    self.rsa_public_key_of(uri, s, h, &label, &id)?
+                } else {
+                    self.public_key_of(uri, s, &label, &id)?
+                };
+                let schemes = if is_rsa {
+                    self.rsa_schemes(uri, s, algorithm)?
+                } else {
+                    algorithm.schemes()
+                };
+                Ok(Some((h, generation, label, id, algorithm, spki, schemes)))
             })
             .and_then(|found| found.ok_or_else(|| self.not_found(uri)))?;
         Ok(Arc::new(Pkcs11Key {
@@ -456,6 +572,7 @@ impl Pkcs11KeyStore {
             locator: loc,
             resolved: (label, id),
             algorithm,
+            schemes,
             spki,
             handle: Mutex::new(Some((generation, handle))),
         }))
@@ -583,6 +700,8 @@ struct Pkcs11Key {
     /// The key's label and id when it was opened.
     resolved: (String, Vec<u8>),
     algorithm: KeyAlgorithm,
+    /// What the key can sign with in this token (RSA: by the token's mechanisms).
+    schemes: Vec<SignScheme>,
     spki: Vec<u8>,
     /// The object handle, valid for the session generation it was found in.
     handle: Mutex<Option<(u64, ObjectHandle)>>,
@@ -646,23 +765,56 @@ impl Key for Pkcs11Key {
         &self.spki
     }
 
+    fn supported_schemes(&self) -> Vec<SignScheme> {
+        self.schemes.clone()
+    }
+
     fn sign_digest(&self, scheme: SignScheme, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let SignScheme::Ecdsa(hash) = scheme;
+        let hash = scheme.hash();
+        let fail = |reason: String| KeyError::Sign {
+            uri: self.uri.redacted(),
+            reason,
+        };
         if digest.len() != hash.output_len() {
-            return Err(KeyError::Sign {
-                uri: self.uri.redacted(),
-                reason: format!(
-                    "digest is {} bytes, expected {} for {hash:?}",
-                    digest.len(),
-                    hash.output_len()
-                ),
-            });
+            return Err(fail(format!(
+                "digest is {} bytes, expected {} for {hash:?}",
+                digest.len(),
+                hash.output_len()
+            )));
         }
+        if !self.schemes.contains(&scheme) {
+            return Err(fail(format!(
+                "this {} key in token {} cannot make a {scheme} signature",
+                self.algorithm,
+                self.token.name()
+            )));
+        }
+        // The mechanism and what it is given: ECDSA and PSS take the digest,
+        // CKM_RSA_PKCS the DigestInfo (it only pads).
+        let (hash_mech, mgf) = match hash {
+            HashAlg::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+            HashAlg::Sha384 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
+            HashAlg::Sha512 => (MechanismType::SHA512, PkcsMgfType::MGF1_SHA512),
+        };
+        let mechanism = || match scheme {
+            SignScheme::Ecdsa(_) => Mechanism::Ecdsa,
+            SignScheme::RsaPkcs1(_) => Mechanism::RsaPkcs,
+            SignScheme::RsaPss(_) => Mechanism::RsaPkcsPss(PkcsPssParams {
+                hash_alg: hash_mech,
+                mgf,
+                s_len: (hash.output_len() as std::ffi::c_ulong).into(),
+            }),
+        };
+        let data = match scheme {
+            SignScheme::RsaPkcs1(_) => hash.digest_info(digest),
+            _ => digest.to_vec(),
+        };
+        let digest = data.as_slice();
         let raw = self
             .token
             .with_session::<_, KeyError>("sign", |s, generation| {
                 let h = self.handle(s, generation)?;
-                match s.sign(&Mechanism::Ecdsa, h, digest) {
+                match s.sign(&mechanism(), h, digest) {
                     Err(e)
                         if matches!(
                             error::rv_of(&e),
@@ -672,12 +824,23 @@ impl Key for Pkcs11Key {
                         // The handle went stale: find the key again, once.
                         self.forget_handle();
                         let h = self.handle(s, generation)?;
-                        s.sign(&Mechanism::Ecdsa, h, digest)
+                        s.sign(&mechanism(), h, digest)
                             .map_err(|e| self.token.call("sign")(e).into())
                     }
                     other => other.map_err(|e| self.token.call("sign")(e).into()),
                 }
             })?;
+        if let KeyAlgorithm::Rsa { bits } = self.algorithm {
+            // RSA signatures are modulus-sized big-endian integers, as is.
+            let want = usize::from(bits).div_ceil(8);
+            if raw.len() != want {
+                return Err(fail(format!(
+                    "the token returned {} bytes, not a {want}-byte RSA signature",
+                    raw.len()
+                )));
+            }
+            return Ok(raw);
+        }
         ecdsa_raw_to_der(self.algorithm, &raw).ok_or_else(|| KeyError::Sign {
             uri: self.uri.redacted(),
             reason: format!(

@@ -8,11 +8,12 @@ use p256::pkcs8::EncodePublicKey as _;
 use super::template::algorithm_of;
 use crate::keys::KeyAlgorithm;
 
-/// Length of an uncompressed SEC1 point on the curve.
+/// Length of an uncompressed SEC1 point on the curve (0: RSA has none).
 fn point_len(algorithm: KeyAlgorithm) -> usize {
     match algorithm {
         KeyAlgorithm::EcdsaP256 => 65,
         KeyAlgorithm::EcdsaP384 => 97,
+        KeyAlgorithm::Rsa { .. } => 0,
     }
 }
 
@@ -51,6 +52,7 @@ pub fn spki_from_attributes(
         KeyAlgorithm::EcdsaP384 => p384::PublicKey::from_sec1_bytes(&point)
             .map_err(|e| bad(e.to_string()))?
             .to_public_key_der(),
+        KeyAlgorithm::Rsa { .. } => return Err("an RSA key has no CKA_EC_POINT".into()),
     }
     .map_err(|e| format!("cannot encode the public key: {e}"))?;
     Ok((algorithm, doc.as_bytes().to_vec()))

@@ -13,11 +13,12 @@ pub const EC_PARAMS_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x
 /// DER of the named-curve OID (`CKA_EC_PARAMS`) of P-384: 1.3.132.0.34.
 pub const EC_PARAMS_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 
-/// `CKA_EC_PARAMS` for an algorithm.
+/// `CKA_EC_PARAMS` for an algorithm (empty for RSA, which is never generated).
 pub fn ec_params(algorithm: KeyAlgorithm) -> &'static [u8] {
     match algorithm {
         KeyAlgorithm::EcdsaP256 => EC_PARAMS_P256,
         KeyAlgorithm::EcdsaP384 => EC_PARAMS_P384,
+        KeyAlgorithm::Rsa { .. } => &[],
     }
 }
 

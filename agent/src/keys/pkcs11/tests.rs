@@ -139,9 +139,10 @@ macro_rules! test_name {
 fn verify(spki: &[u8], alg: KeyAlgorithm, msg: &[u8], sig: &[u8]) -> bool {
     let spki = spki::SubjectPublicKeyInfoRef::try_from(spki).unwrap();
     let point = spki.subject_public_key.raw_bytes();
-    let ring_alg = match alg {
+    let ring_alg: &dyn ring::signature::VerificationAlgorithm = match alg {
         KeyAlgorithm::EcdsaP256 => &ring::signature::ECDSA_P256_SHA256_ASN1,
         KeyAlgorithm::EcdsaP384 => &ring::signature::ECDSA_P384_SHA384_ASN1,
+        KeyAlgorithm::Rsa { .. } => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
     };
     ring::signature::UnparsedPublicKey::new(ring_alg, point)
         .verify(msg, sig)
@@ -645,4 +646,120 @@ fn the_config_names_the_module_and_the_token() {
     )
     .unwrap();
     config("file", "pkcs11:object=device-key", module).unwrap();
+}
+
+/// Runs pkcs11-tool (OpenSC) on the test token, logged in.
+fn pkcs11_tool(fx: &Fixture, args: &[&str]) {
+    let out = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(&fx.module)
+        .args(["--token-label", LABEL, "--login", "--pin", PIN])
+        .args(args)
+        .output()
+        .expect("pkcs11-tool is not installed: run `make deps` (Debian package opensc)");
+    assert!(out.status.success(), "pkcs11-tool {args:?}: {out:?}");
+}
+
+/// Verifies an RSA signature with ring for `scheme`.
+fn verify_rsa(spki: &[u8], scheme: SignScheme, msg: &[u8], sig: &[u8]) -> bool {
+    use ring::signature as rs;
+    let spki = spki::SubjectPublicKeyInfoRef::try_from(spki).unwrap();
+    let alg: &dyn rs::VerificationAlgorithm = match scheme {
+        SignScheme::RsaPkcs1(HashAlg::Sha256) => &rs::RSA_PKCS1_2048_8192_SHA256,
+        SignScheme::RsaPkcs1(HashAlg::Sha384) => &rs::RSA_PKCS1_2048_8192_SHA384,
+        SignScheme::RsaPkcs1(HashAlg::Sha512) => &rs::RSA_PKCS1_2048_8192_SHA512,
+        SignScheme::RsaPss(HashAlg::Sha256) => &rs::RSA_PSS_2048_8192_SHA256,
+        SignScheme::RsaPss(HashAlg::Sha384) => &rs::RSA_PSS_2048_8192_SHA384,
+        SignScheme::RsaPss(HashAlg::Sha512) => &rs::RSA_PSS_2048_8192_SHA512,
+        SignScheme::Ecdsa(_) => panic!("not an RSA scheme"),
+    };
+    rs::UnparsedPublicKey::new(alg, spki.subject_public_key.raw_bytes())
+        .verify(msg, sig)
+        .is_ok()
+}
+
+#[test]
+fn rsa_keys_made_by_pkcs11_tool_sign_pss_and_pkcs1() {
+    in_softhsm(
+        test_name!(rsa_keys_made_by_pkcs11_tool_sign_pss_and_pkcs1),
+        |fx| {
+            // What an installer does for a secure element holding RSA-2048.
+            pkcs11_tool(
+                fx,
+                &[
+                    "--keypairgen",
+                    "--key-type",
+                    "rsa:2048",
+                    "--label",
+                    "device-rsa",
+                    "--id",
+                    "0a0b",
+                ],
+            );
+            let stores = fx.stores();
+            let u = uri(&format!(
+                "pkcs11:token={LABEL};object=device-rsa;type=private"
+            ));
+            let key = stores.open(&u).unwrap();
+            assert_eq!(key.algorithm(), KeyAlgorithm::Rsa { bits: 2048 });
+            // SoftHSM2 has CKM_RSA_PKCS_PSS and CKM_RSA_PKCS: all six, PSS first.
+            let schemes = key.supported_schemes();
+            assert_eq!(schemes, KeyAlgorithm::Rsa { bits: 2048 }.schemes());
+            assert_eq!(schemes[0], SignScheme::RsaPss(HashAlg::Sha256));
+            for scheme in schemes {
+                let sig = key.sign_message(scheme, b"certificate verify").unwrap();
+                assert_eq!(sig.len(), 256, "{scheme}");
+                assert!(
+                    verify_rsa(key.public_key_der(), scheme, b"certificate verify", &sig),
+                    "{scheme} does not verify"
+                );
+                assert!(!verify_rsa(
+                    key.public_key_der(),
+                    scheme,
+                    b"certificate verifY",
+                    &sig
+                ));
+            }
+            // The CSR default (sha256WithRSAEncryption) verifies too.
+            let sig = key
+                .sign_message(key.algorithm().default_scheme(), b"x")
+                .unwrap();
+            assert!(verify(key.public_key_der(), key.algorithm(), b"x", &sig));
+            let e = key
+                .sign_digest(SignScheme::Ecdsa(HashAlg::Sha256), &[0u8; 32])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("cannot make a ECDSA with SHA-256 signature"),
+                "{e}"
+            );
+            let e = key
+                .sign_digest(SignScheme::RsaPss(HashAlg::Sha384), &[0u8; 32])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("expected 48"), "{e}");
+            let spki = key.public_key_der().to_vec();
+
+            // A key imported without its public half: the modulus and exponent
+            // come from the private-key object.
+            pkcs11_tool(fx, &["--delete-object", "--type", "pubkey", "--id", "0a0b"]);
+            let again = fx.stores().open(&u).unwrap();
+            assert_eq!(again.public_key_der(), &spki[..]);
+            let sig = again
+                .sign_message(SignScheme::RsaPss(HashAlg::Sha512), b"m")
+                .unwrap();
+            assert!(verify_rsa(
+                &spki,
+                SignScheme::RsaPss(HashAlg::Sha512),
+                b"m",
+                &sig
+            ));
+
+            // dps-agent never makes RSA keys in a token.
+            let e = stores
+                .generate_at("rsa-new", KeyAlgorithm::Rsa { bits: 2048 })
+                .unwrap_err();
+            assert!(matches!(e, KeyError::Unsupported { .. }), "{e}");
+        },
+    );
 }

@@ -188,6 +188,13 @@ impl Pkcs11Uri {
         if !path.is_empty() {
             for part in path.split(';') {
                 let (name, raw) = split_attr(part, "path", ';')?;
+                if name == QueryAttr::PinValue.name() {
+                    // It would be printed as a vendor path attribute: refused,
+                    // so that a PIN written before the '?' never shows.
+                    return Err(UriError::new(
+                        "pin-value is a query attribute: write it after '?' (pkcs11:…?pin-value=…)",
+                    ));
+                }
                 let attr = PathAttr::from_name(name);
                 if uri.path.iter().any(|(a, _)| *a == attr) {
                     return Err(UriError::new(format!(
@@ -722,5 +729,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("ab") && !err.contains("cd"), "{err}");
+        // Found by fuzzing (fuzz/fuzz_targets/pkcs11_uri.rs): a pin-value in the
+        // path was taken for a vendor attribute and printed as written.
+        let err = Pkcs11Uri::parse("pkcs11:token=t;pin-value=s3cret?module-name=m")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cr"), "{err}");
+        assert!(err.contains("pin-value is a query attribute"), "{err}");
     }
 }

@@ -11,6 +11,7 @@
 //! keys are `Send + Sync` handles that send it jobs. No private key ever leaves
 //! the TPM in the clear, and no transient object stays loaded after a call.
 
+mod attest;
 mod errors;
 mod keyfile;
 mod ops;
@@ -23,6 +24,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub use attest::{ek_public_pem, registration_id_for_ek, AuthKeyBlob, AUTH_KEY_HANDLE, EK_HANDLE};
 pub use errors::TpmError;
 pub use keyfile::{TpmKeyFile, PARENT_OWNER};
 pub use ops::SRK_HANDLE;
@@ -118,6 +120,13 @@ impl TpmKeyStore {
     }
 
     fn write_new_key(&self, path: &Path, algorithm: KeyAlgorithm) -> Result<KeyUri, KeyError> {
+        if algorithm.is_rsa() {
+            return Err(KeyError::Unsupported {
+                backend: Backend::Tpm,
+                what: "making RSA keys".into(),
+                hint: "; dps-agent makes ECDSA keys in the TPM (ecdsa-p384 or ecdsa-p256)".into(),
+            });
+        }
         let uri = KeyUri::parse(&format!("tpm:{}", path.display()))?;
         if let Some(dir) = path.parent() {
             fsutil::ensure_dir(dir, 0o700).map_err(io_error(dir, "create directory"))?;
@@ -301,10 +310,14 @@ impl Key for TpmKey {
     }
 
     fn sign_digest(&self, scheme: SignScheme, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let SignScheme::Ecdsa(hash) = scheme;
         let fail = |reason: String| KeyError::Sign {
             uri: self.uri.redacted(),
             reason,
+        };
+        let SignScheme::Ecdsa(hash) = scheme else {
+            return Err(fail(format!(
+                "a TPM ECDSA key cannot make a {scheme} signature"
+            )));
         };
         if let Some(fixed) = self.info.scheme_hash {
             if fixed != hash {
@@ -329,6 +342,7 @@ impl Key for TpmKey {
         let field = match self.info.algorithm {
             KeyAlgorithm::EcdsaP256 => 32,
             KeyAlgorithm::EcdsaP384 => 48,
+            KeyAlgorithm::Rsa { .. } => return Err(fail("not an ECDSA key".into())),
         };
         let mut raw = templates::left_pad(&r, field).map_err(&fail)?;
         raw.extend(templates::left_pad(&s, field).map_err(&fail)?);

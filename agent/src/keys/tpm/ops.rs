@@ -53,8 +53,12 @@ enum Parent {
 
 /// An open connection to the TPM.
 pub struct Tpm {
-    ctx: Context,
+    pub(super) ctx: Context,
     curves: Option<Vec<EccCurveIdentifier>>,
+    /// Set by a job that left ESYS with stale resource records (a persistent
+    /// object evicted and replaced at the same handle): the worker then opens
+    /// a fresh connection for the next job.
+    pub(super) reconnect: bool,
 }
 
 impl Tpm {
@@ -64,7 +68,11 @@ impl Tpm {
             tcti: tcti.to_string(),
         })?;
         match Context::new(conf) {
-            Ok(ctx) => Ok(Tpm { ctx, curves: None }),
+            Ok(ctx) => Ok(Tpm {
+                ctx,
+                curves: None,
+                reconnect: false,
+            }),
             Err(e) => {
                 let device = device_path(tcti);
                 let check = device.as_ref().map(|p| {
@@ -286,7 +294,7 @@ impl Tpm {
     }
 
     /// An ESYS resource for a persistent handle (reads its public area; no session).
-    fn persistent_object(&mut self, handle: u32) -> Result<ObjectHandle, TpmError> {
+    pub(super) fn persistent_object(&mut self, handle: u32) -> Result<ObjectHandle, TpmError> {
         let action = format!("opening persistent key 0x{handle:08x}");
         let tpm_handle = PersistentTpmHandle::new(handle)
             .map(TpmHandle::Persistent)
@@ -364,7 +372,7 @@ impl Tpm {
         }
     }
 
-    fn flush(&mut self, handle: ObjectHandle, action: &str) -> Result<(), TpmError> {
+    pub(super) fn flush(&mut self, handle: ObjectHandle, action: &str) -> Result<(), TpmError> {
         self.ctx
             .flush_context(handle)
             .map_err(|e| command_error(action, e))
@@ -432,13 +440,21 @@ pub fn check_curve(
     algorithm: KeyAlgorithm,
     offered: &[EccCurveIdentifier],
 ) -> Result<(), TpmError> {
-    let wanted = EccCurveIdentifier::from(templates::curve_of(algorithm));
+    let Some(curve) = templates::curve_of(algorithm) else {
+        return Err(TpmError::Unsuitable {
+            key: algorithm.to_string(),
+            reason: "dps-agent makes only ECDSA keys in the TPM".into(),
+        });
+    };
+    let wanted = EccCurveIdentifier::from(curve);
     if offered.contains(&wanted) {
         return Ok(());
     }
     let usable: Vec<KeyAlgorithm> = KeyAlgorithm::ALL
         .into_iter()
-        .filter(|a| offered.contains(&EccCurveIdentifier::from(templates::curve_of(*a))))
+        .filter(|a| {
+            templates::curve_of(*a).is_some_and(|c| offered.contains(&EccCurveIdentifier::from(c)))
+        })
         .collect();
     let fix = match usable.first() {
         Some(a) => format!(

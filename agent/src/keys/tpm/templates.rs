@@ -62,6 +62,11 @@ pub fn signing_key(algorithm: KeyAlgorithm) -> Result<Public, tss_esapi::Error> 
     let (curve, hash) = match algorithm {
         KeyAlgorithm::EcdsaP256 => (EccCurve::NistP256, HashingAlgorithm::Sha256),
         KeyAlgorithm::EcdsaP384 => (EccCurve::NistP384, HashingAlgorithm::Sha384),
+        KeyAlgorithm::Rsa { .. } => {
+            return Err(tss_esapi::Error::WrapperError(
+                tss_esapi::WrapperErrorKind::UnsupportedParam,
+            ))
+        }
     };
     let parameters = PublicEccParametersBuilder::new_unrestricted_signing_key(
         EccScheme::EcDsa(HashScheme::new(hash)),
@@ -77,11 +82,12 @@ pub fn signing_key(algorithm: KeyAlgorithm) -> Result<Public, tss_esapi::Error> 
         .build()
 }
 
-/// The TPM curve of an algorithm.
-pub fn curve_of(algorithm: KeyAlgorithm) -> EccCurve {
+/// The TPM curve of an algorithm (none for RSA).
+pub fn curve_of(algorithm: KeyAlgorithm) -> Option<EccCurve> {
     match algorithm {
-        KeyAlgorithm::EcdsaP256 => EccCurve::NistP256,
-        KeyAlgorithm::EcdsaP384 => EccCurve::NistP384,
+        KeyAlgorithm::EcdsaP256 => Some(EccCurve::NistP256),
+        KeyAlgorithm::EcdsaP384 => Some(EccCurve::NistP384),
+        KeyAlgorithm::Rsa { .. } => None,
     }
 }
 
@@ -157,6 +163,7 @@ pub fn key_info(public: &Public) -> Result<KeyInfo, String> {
         KeyAlgorithm::EcdsaP384 => p384::PublicKey::from_sec1_bytes(&sec1)
             .map_err(|_| "its public point is not on P-384".to_string())?
             .to_public_key_der(),
+        KeyAlgorithm::Rsa { .. } => return Err("it is not an elliptic-curve key".into()),
     }
     .map_err(|e| format!("cannot encode its public key: {e}"))?
     .as_bytes()

@@ -105,6 +105,8 @@ fn serve(tcti: &str, first: Tpm, queue: &mpsc::Receiver<Job>) {
             if panic::catch_unwind(AssertUnwindSafe(|| job(Ok(t)))).is_err() {
                 log::error!("a TPM job panicked; reconnecting for the next one");
                 tpm = None;
+            } else if t.reconnect {
+                tpm = None;
             }
         }
     }

@@ -1,0 +1,369 @@
+//! The IoT Hub side: one short MQTT 3.1.1 session to the assigned hub, made
+//! with an operational identity (leaf + issuing CA, key in its backend) to
+//! prove the hub accepts it, and optionally to report the certificate's dates
+//! in the device twin's reported properties. dps-agent does not carry the
+//! device's telemetry: it connects, checks, reports, disconnects.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS,
+    SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use serde_json::json;
+
+use crate::dps::wire::{clip, url_decode};
+use crate::tls::ClientIdentity;
+
+/// Twin replies come on this filter.
+const TWIN_RESPONSES: &str = "$iothub/twin/res/#";
+/// Largest message accepted from the hub.
+const MAX_INCOMING: usize = 256 * 1024;
+/// Bound on the whole session (connect, subscribe, patch).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where to connect and how.
+#[derive(Debug, Clone)]
+pub struct HubTarget {
+    /// The assigned hub's host name.
+    pub host: String,
+    pub port: u16,
+    pub device_id: String,
+    /// IoT Hub api-version for the username.
+    pub api_version: String,
+}
+
+impl HubTarget {
+    /// `{hub}/{deviceId}/?api-version={v}&DeviceClientType=…`
+    pub fn username(&self) -> String {
+        format!(
+            "{}/{}/?api-version={}&DeviceClientType={}",
+            self.host,
+            self.device_id,
+            self.api_version,
+            crate::dps::wire::url_encode(&format!("dps-agent/{}", env!("CARGO_PKG_VERSION")))
+        )
+    }
+}
+
+/// Certificate facts reported in the twin, RFC 3339 times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateReport {
+    pub valid_from: String,
+    pub valid_until: String,
+    pub issued_at: String,
+    pub thumbprint: String,
+    pub renew_at: String,
+}
+
+impl CertificateReport {
+    /// The reported-properties patch: `{"certificate": {…}}`.
+    pub fn patch(&self) -> serde_json::Value {
+        json!({
+            "certificate": {
+                "validFrom": self.valid_from,
+                "validUntil": self.valid_until,
+                "issuedAt": self.issued_at,
+                "thumbprint": self.thumbprint,
+                "renewAt": self.renew_at,
+            }
+        })
+    }
+}
+
+/// Why the hub check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("IoT Hub {endpoint} refused the certificate ({detail}): its issuing CA may not be synced to the hub yet (az iot adr ns credential sync), the device id may differ, or the clock may be off")]
+    Refused { endpoint: String, detail: String },
+    #[error("IoT Hub {endpoint} is not trusted: {reason}; check [dps] trust_bundle")]
+    ServerNotTrusted { endpoint: String, reason: String },
+    #[error("cannot reach IoT Hub {endpoint}: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("IoT Hub {endpoint}: {reason}")]
+    Protocol { endpoint: String, reason: String },
+    #[error("IoT Hub {endpoint} answered the twin update with status {status}")]
+    TwinRejected { endpoint: String, status: u16 },
+}
+
+impl HubError {
+    /// The hub said no to this identity (as opposed to not answering).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, HubError::Refused { .. })
+    }
+}
+
+/// What a session achieved once the hub accepted the certificate.
+#[derive(Debug)]
+pub struct HubOutcome {
+    /// The twin's reported-properties version after our patch, if reported.
+    pub twin_version: Option<u64>,
+    /// Why the twin report failed, if it did (the certificate was accepted).
+    pub twin_error: Option<HubError>,
+}
+
+/// Connects with `identity` (CONNACK 0 proves the hub accepts it), reports
+/// `report` in the twin if given (waiting for the 204), and disconnects.
+pub async fn check(
+    target: &HubTarget,
+    tls: Arc<rustls::ClientConfig>,
+    report: Option<&CertificateReport>,
+) -> Result<HubOutcome, HubError> {
+    let endpoint = format!("{}:{}", target.host, target.port);
+    let mut o = MqttOptions::new(target.device_id.clone(), target.host.clone(), target.port);
+    o.set_credentials(target.username(), "");
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_clean_session(true);
+    o.set_max_packet_size(MAX_INCOMING, 64 * 1024);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let (client, mut eventloop) = AsyncClient::new(o, 8);
+    eventloop.network_options.set_connection_timeout(15);
+    let session = session(&client, &mut eventloop, &endpoint, report);
+    let result = match tokio::time::timeout(SESSION_TIMEOUT, session).await {
+        Ok(r) => r,
+        Err(_) => Err(HubError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason: format!("no answer within {}s", SESSION_TIMEOUT.as_secs()),
+        }),
+    };
+    if client.disconnect().await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while eventloop.poll().await.is_ok() {}
+        })
+        .await;
+    }
+    result
+}
+
+async fn session(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    endpoint: &str,
+    report: Option<&CertificateReport>,
+) -> Result<HubOutcome, HubError> {
+    // CONNECT → CONNACK: the proof.
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+            Ok(_) => continue,
+            Err(e) => return Err(classify(e, endpoint)),
+        }
+    }
+    log::debug!("IoT Hub {endpoint} accepted the certificate");
+    let Some(report) = report else {
+        return Ok(HubOutcome {
+            twin_version: None,
+            twin_error: None,
+        });
+    };
+    Ok(
+        match report_twin(client, eventloop, endpoint, report).await {
+            Ok(version) => HubOutcome {
+                twin_version: version,
+                twin_error: None,
+            },
+            Err(e) => HubOutcome {
+                twin_version: None,
+                twin_error: Some(e),
+            },
+        },
+    )
+}
+
+/// Subscribes to twin replies, PATCHes the reported properties, waits for 204.
+async fn report_twin(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    endpoint: &str,
+    report: &CertificateReport,
+) -> Result<Option<u64>, HubError> {
+    let protocol = |reason: String| HubError::Protocol {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    client
+        .subscribe(TWIN_RESPONSES, QoS::AtLeastOnce)
+        .await
+        .map_err(|e| protocol(e.to_string()))?;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    return Err(protocol(format!(
+                        "the subscription to {TWIN_RESPONSES} was refused"
+                    )));
+                }
+                break;
+            }
+            Ok(_) => continue,
+            Err(e) => return Err(classify(e, endpoint)),
+        }
+    }
+    let rid = format!("{:08x}", rand::random::<u32>());
+    let topic = format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}");
+    client
+        .publish(topic, QoS::AtLeastOnce, false, report.patch().to_string())
+        .await
+        .map_err(|e| protocol(e.to_string()))?;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some(reply) = parse_twin_response(&p.topic) else {
+                    continue;
+                };
+                if reply.rid.as_deref() != Some(rid.as_str()) {
+                    continue;
+                }
+                return match reply.status {
+                    200..=299 => Ok(reply.version),
+                    status => Err(HubError::TwinRejected {
+                        endpoint: endpoint.to_string(),
+                        status,
+                    }),
+                };
+            }
+            Ok(_) => continue,
+            Err(e) => return Err(classify(e, endpoint)),
+        }
+    }
+}
+
+/// A twin reply topic: `$iothub/twin/res/{status}/?$rid=…&$version=…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwinResponse {
+    pub status: u16,
+    pub rid: Option<String>,
+    pub version: Option<u64>,
+}
+
+/// Parses a twin reply topic; properties in any order. None for other topics.
+pub fn parse_twin_response(topic: &str) -> Option<TwinResponse> {
+    let rest = topic.strip_prefix("$iothub/twin/res/")?;
+    let (status, query) = rest.split_once('/').unwrap_or((rest, ""));
+    let status: u16 = status.parse().ok()?;
+    let query = query.strip_prefix('?').unwrap_or(query);
+    let mut out = TwinResponse {
+        status,
+        rid: None,
+        version: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match url_decode(k).as_str() {
+            "$rid" => out.rid = Some(url_decode(v)),
+            "$version" => out.version = url_decode(v).parse().ok(),
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+fn classify(e: ConnectionError, endpoint: &str) -> HubError {
+    let endpoint = endpoint.to_string();
+    if let ConnectionError::ConnectionRefused(code) = &e {
+        return match code {
+            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword => {
+                HubError::Refused {
+                    endpoint,
+                    detail: format!("MQTT CONNACK {code:?}"),
+                }
+            }
+            other => HubError::Protocol {
+                endpoint,
+                reason: format!("MQTT CONNACK {other:?}"),
+            },
+        };
+    }
+    if let Some(tls) = crate::tls::find_rustls_error(&e) {
+        use rustls::AlertDescription as A;
+        return match tls {
+            rustls::Error::InvalidCertificate(c) => HubError::ServerNotTrusted {
+                endpoint,
+                reason: format!("its certificate is invalid ({c:?})"),
+            },
+            rustls::Error::AlertReceived(
+                a @ (A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateRequired
+                | A::CertificateUnknown
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::UnsupportedCertificate
+                | A::AccessDenied),
+            ) => HubError::Refused {
+                endpoint,
+                detail: format!("TLS alert {a:?}"),
+            },
+            other => HubError::Unreachable {
+                endpoint,
+                reason: format!("TLS handshake failed: {other}"),
+            },
+        };
+    }
+    HubError::Unreachable {
+        endpoint,
+        reason: clip(&e.to_string(), 200),
+    }
+}
+
+/// The identity presented to the hub: the chain without the root, and the key.
+pub fn identity(chain_presented: Vec<Vec<u8>>, key: Arc<dyn crate::keys::Key>) -> ClientIdentity {
+    ClientIdentity {
+        chain: chain_presented,
+        key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twin_topics() {
+        assert_eq!(
+            parse_twin_response("$iothub/twin/res/204/?$rid=ab12&$version=7"),
+            Some(TwinResponse {
+                status: 204,
+                rid: Some("ab12".into()),
+                version: Some(7)
+            })
+        );
+        assert_eq!(
+            parse_twin_response("$iothub/twin/res/429/?$version=3&$rid=x")
+                .unwrap()
+                .status,
+            429
+        );
+        assert!(parse_twin_response("$iothub/twin/PATCH/properties/desired/?$version=2").is_none());
+        assert!(parse_twin_response("$iothub/twin/res/abc/?$rid=1").is_none());
+    }
+
+    #[test]
+    fn username_and_patch() {
+        let t = HubTarget {
+            host: "hub.azure-devices.net".into(),
+            port: 8883,
+            device_id: "gw-0001".into(),
+            api_version: "2021-04-12".into(),
+        };
+        assert!(t.username().starts_with(
+            "hub.azure-devices.net/gw-0001/?api-version=2021-04-12&DeviceClientType=dps-agent%2F"
+        ));
+        let r = CertificateReport {
+            valid_from: "a".into(),
+            valid_until: "b".into(),
+            issued_at: "c".into(),
+            thumbprint: "D".into(),
+            renew_at: "e".into(),
+        };
+        assert_eq!(
+            r.patch(),
+            json!({"certificate": {"validFrom": "a", "validUntil": "b", "issuedAt": "c", "thumbprint": "D", "renewAt": "e"}})
+        );
+    }
+}
