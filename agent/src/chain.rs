@@ -70,6 +70,10 @@ pub enum ChainError {
     NotForClientAuth { subject: String, reason: String },
     #[error("{subject}: unsupported signature algorithm {oid}")]
     UnsupportedAlgorithm { subject: String, oid: String },
+    #[error("the chain leads to {top}, not to the expected issuer ({expected}): a foreign CA issued it; if your ADR credential (root CA) really changed, list the new root in [operational] issuer_trust")]
+    UntrustedIssuer { top: String, expected: String },
+    #[error("[operational] issuer_trust {path}: {reason}")]
+    IssuerTrust { path: String, reason: String },
 }
 
 /// What the chain must satisfy.
@@ -174,6 +178,38 @@ pub fn verify(chain: &[Vec<u8>], want: &Expectations<'_>) -> Result<VerifiedChai
         subject: leaf.tbs_certificate().subject().to_string(),
         issuer: leaf.tbs_certificate().issuer().to_string(),
         thumbprint: thumbprint(&chain[leaf_index]),
+    })
+}
+
+/// Whether a checked chain comes from an expected issuer: one of its certificates is one of
+/// `anchors` (DER), or its topmost certificate is signed by one of them. [`verify`] proves a
+/// chain is consistent; only this proves whose it is, since a foreign CA can issue a perfectly
+/// consistent chain for our key and CN. No anchors: nothing to compare with, accepted.
+pub fn check_anchored(chain: &VerifiedChain, anchors: &[Vec<u8>]) -> Result<(), ChainError> {
+    if anchors.is_empty() || chain.certs.iter().any(|c| anchors.contains(c)) {
+        return Ok(());
+    }
+    let Some(top) = chain.certs.last() else {
+        return Err(ChainError::Empty);
+    };
+    let top = Certificate::from_der(top).map_err(|e| ChainError::Parse {
+        index: chain.certs.len() - 1,
+        reason: e.to_string(),
+    })?;
+    let anchors: Vec<Certificate> = anchors
+        .iter()
+        .filter_map(|a| Certificate::from_der(a).ok())
+        .collect();
+    let issued_by_anchor = anchors.iter().any(|a| {
+        a.tbs_certificate().subject() == top.tbs_certificate().issuer()
+            && verify_signature(&top, a).is_ok()
+    });
+    if issued_by_anchor {
+        return Ok(());
+    }
+    Err(ChainError::UntrustedIssuer {
+        top: describe(&top),
+        expected: anchors.iter().map(describe).collect::<Vec<_>>().join(", "),
     })
 }
 
@@ -540,6 +576,52 @@ mod tests {
         // PEM round trip
         assert_eq!(certs_from_pem(&v.to_pem()).unwrap(), chain[..2].to_vec());
         let _ = &f.root.key;
+    }
+
+    #[test]
+    fn anchored_to_the_expected_root_only() {
+        let f = fixture();
+        let spki = f.key.subject_public_key_info();
+        let l = leaf(&f.ica, "gw-0001", &f.key, |_| {});
+        let full = verify(
+            &[l.clone(), der(&f.ica.cert), der(&f.root.cert)],
+            &want(&spki),
+        )
+        .unwrap();
+        let no_root = verify(&[l.clone(), der(&f.ica.cert)], &want(&spki)).unwrap();
+        let root = [der(&f.root.cert)];
+        // The root in the chain, or the top of the chain signed by it.
+        assert_eq!(check_anchored(&full, &root), Ok(()));
+        assert_eq!(check_anchored(&no_root, &root), Ok(()));
+        // A new issuing CA under the same root is fine; no anchors, anything is.
+        let ica2 = ca("Issuing CA 2", Some(&f.root));
+        let l2 = leaf(&ica2, "gw-0001", &f.key, |_| {});
+        let rotated = verify(&[l2, der(&ica2.cert)], &want(&spki)).unwrap();
+        assert_eq!(check_anchored(&rotated, &root), Ok(()));
+        assert_eq!(check_anchored(&rotated, &[]), Ok(()));
+        // A foreign, internally consistent chain, even with the same names, is refused.
+        let foreign_root = ca("Root", None);
+        let foreign_ica = ca("Issuing CA", Some(&foreign_root));
+        let fl = leaf(&foreign_ica, "gw-0001", &f.key, |_| {});
+        for chain in [
+            vec![fl.clone(), der(&foreign_ica.cert), der(&foreign_root.cert)],
+            vec![fl, der(&foreign_ica.cert)],
+        ] {
+            let v = verify(&chain, &want(&spki)).unwrap();
+            let err = check_anchored(&v, &root).unwrap_err();
+            assert!(matches!(err, ChainError::UntrustedIssuer { .. }), "{err}");
+            assert!(err.to_string().contains("a foreign CA issued it"), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("expected issuer (certificate CN=Root)"),
+                "{err}"
+            );
+        }
+        // Either of two anchors will do (a root being rotated).
+        assert_eq!(
+            check_anchored(&full, &[der(&foreign_root.cert), der(&f.root.cert)]),
+            Ok(())
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Man pages and shell completions generated from the clap definitions of the
-//! command line (run by the packaging through the hidden `dps-agent
-//! generate-docs --out DIR`), so they cannot drift from `--help`. Writes only
+//! command line (run by the packaging as `dps-agent generate-docs --out DIR`,
+//! which clap does not list), so they cannot drift from `--help`. Writes only
 //! into the directory it is given.
 
 use std::fs;

@@ -96,12 +96,6 @@ enum Cmd {
         #[arg(long)]
         config_only: bool,
     },
-    /// Write the man pages and shell completions into DIR (used by packaging).
-    #[command(hide = true)]
-    GenerateDocs {
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-    },
     /// Make a new key pair for onboarding and print its URI.
     ///
     /// The private key is made inside the backend and never leaves it; send the
@@ -166,6 +160,23 @@ fn parse_algorithm(s: &str) -> Result<KeyAlgorithm, String> {
 }
 
 fn main() -> ExitCode {
+    // Packaging only: `dps-agent generate-docs --out DIR` writes the man pages
+    // and completions. Kept out of the clap definitions so that neither lists it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 4 && args[1] == "generate-docs" && args[2] == "--out" {
+        return match dps_agent::docs::generate(Cli::command(), Path::new(&args[3])) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dps-agent: error: {}", causes(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -179,12 +190,6 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Cmd::GenerateDocs { out } => {
-            for f in dps_agent::docs::generate(Cli::command(), &out)? {
-                println!("{}", f.display());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
         Cmd::Check => {
             let c = match Config::load(&cli.config) {
                 Ok(c) => c,

@@ -202,6 +202,38 @@ impl Signer for KeyOperation {
     }
 }
 
+/// What a failed TLS handshake means for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// We refused the server's certificate (untrusted, expired, wrong name).
+    ServerNotTrusted(String),
+    /// The server refused our client certificate (a certificate-related alert).
+    ClientRefused(String),
+    /// Anything else: no usable handshake.
+    Other(String),
+}
+
+/// Sorts a rustls error into [`HandshakeFailure`].
+pub fn handshake_failure(e: &rustls::Error) -> HandshakeFailure {
+    use rustls::AlertDescription as A;
+    match e {
+        rustls::Error::InvalidCertificate(c) => {
+            HandshakeFailure::ServerNotTrusted(format!("its certificate is invalid ({c:?})"))
+        }
+        rustls::Error::AlertReceived(
+            a @ (A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateRequired
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate
+            | A::AccessDenied),
+        ) => HandshakeFailure::ClientRefused(format!("TLS alert {a:?}")),
+        other => HandshakeFailure::Other(format!("TLS handshake failed: {other}")),
+    }
+}
+
 /// Finds a rustls error anywhere in an error's chain (tokio-rustls wraps it in
 /// an `io::Error`, which hides it from `source()`), to tell "the server is not
 /// trusted" from "the server refused our certificate".

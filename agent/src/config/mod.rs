@@ -129,6 +129,9 @@ pub struct OperationalConfig {
     pub retry_max: HumanDuration,
     /// How far in the future a certificate's notBefore may lie.
     pub max_clock_skew: HumanDuration,
+    /// PEM bundle of the CAs an issued chain must lead to; None: the root of the stored
+    /// identity's chain (nothing at the first provisioning).
+    pub issuer_trust: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

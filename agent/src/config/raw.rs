@@ -52,6 +52,7 @@ pub struct RawOperational {
     pub renewal_path: Option<String>,
     pub retry_max: Option<String>,
     pub max_clock_skew: Option<String>,
+    pub issuer_trust: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

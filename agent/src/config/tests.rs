@@ -282,3 +282,25 @@ fn shipped_config_is_valid() {
     assert_eq!(c.dps.registration_id, "gw-0001");
     assert_eq!(c.operational.renew_before.to_string(), "7d");
 }
+
+#[test]
+fn issuer_trust_is_an_absolute_path_and_off_by_default() {
+    assert_eq!(parse(GOOD).unwrap().operational.issuer_trust, None);
+    let with = |v: &str| {
+        GOOD.replace(
+            "renew_before = \"2d\"\n",
+            &format!("renew_before = \"2d\"\nissuer_trust = \"{v}\"\n"),
+        )
+    };
+    let c = parse(&with("/etc/dps-agent/adr-roots.pem")).unwrap();
+    assert_eq!(
+        c.operational.issuer_trust,
+        Some(PathBuf::from("/etc/dps-agent/adr-roots.pem"))
+    );
+    let e = err(&with("adr-roots.pem"));
+    assert!(
+        e.contains("[operational] issuer_trust = \"adr-roots.pem\"")
+            && e.contains("not an absolute path"),
+        "{e}"
+    );
+}

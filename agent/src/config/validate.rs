@@ -479,6 +479,10 @@ fn operational(cx: &Ctx, o: RawOperational) -> Result<OperationalConfig, ConfigE
         ));
     }
     let max_clock_skew = cx.duration("operational.max_clock_skew", o.max_clock_skew, "5m")?;
+    let issuer_trust = match o.issuer_trust {
+        Some(p) => Some(cx.path("operational.issuer_trust", p)?),
+        None => None,
+    };
     Ok(OperationalConfig {
         key_backend,
         key_algorithm,
@@ -488,6 +492,7 @@ fn operational(cx: &Ctx, o: RawOperational) -> Result<OperationalConfig, ConfigE
         renewal_path,
         retry_max,
         max_clock_skew,
+        issuer_trust,
     })
 }
 

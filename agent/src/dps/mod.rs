@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::config::{self, DpsConfig};
-use crate::tls::find_rustls_error;
+use crate::tls::{find_rustls_error, HandshakeFailure};
 use onboarding::Authorizer;
 pub use onboarding::{read_key_file, CredentialError, Onboarding};
 use sas::SasToken;
@@ -407,31 +407,17 @@ async fn run_attempt(
 /// A TLS failure as the DPS error that says what to do: an untrusted server,
 /// a refused client certificate, or just no handshake.
 fn classify_tls(tls: rustls::Error, endpoint: &str, method: Method) -> DpsError {
-    use rustls::AlertDescription as A;
     let endpoint = endpoint.to_string();
-    match tls {
-        rustls::Error::InvalidCertificate(c) => DpsError::ServerNotTrusted {
+    match crate::tls::handshake_failure(&tls) {
+        HandshakeFailure::ServerNotTrusted(reason) => {
+            DpsError::ServerNotTrusted { endpoint, reason }
+        }
+        HandshakeFailure::ClientRefused(detail) => DpsError::AuthRefused {
             endpoint,
-            reason: format!("its certificate is invalid ({c:?})"),
-        },
-        rustls::Error::AlertReceived(
-            a @ (A::BadCertificate
-            | A::UnknownCA
-            | A::CertificateRequired
-            | A::CertificateUnknown
-            | A::CertificateExpired
-            | A::CertificateRevoked
-            | A::UnsupportedCertificate
-            | A::AccessDenied),
-        ) => DpsError::AuthRefused {
-            endpoint,
-            detail: format!("TLS alert {a:?}"),
+            detail,
             method,
         },
-        other => DpsError::Unreachable {
-            endpoint,
-            reason: format!("TLS handshake failed: {other}"),
-        },
+        HandshakeFailure::Other(reason) => DpsError::Unreachable { endpoint, reason },
     }
 }
 

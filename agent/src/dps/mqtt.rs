@@ -140,6 +140,9 @@ impl MqttTransport {
         }
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         eventloop.network_options.set_connection_timeout(15);
+        // Without it the PUBACK of a reply and the next request wait for the peer's delayed
+        // ACK (Nagle): 40 ms per poll on Linux.
+        eventloop.network_options.set_tcp_nodelay(true);
         let handshake = async {
             loop {
                 match eventloop.poll().await {

@@ -216,6 +216,7 @@ pub fn parse_reply(status: u16, retry_after: Option<u64>, body: &[u8]) -> Result
         Some(other) => Err(format!("unknown registration status {:?}", clip(other, 40))),
         None if status == 202 => Ok(Reply::Assigning {
             operation_id: operation_id
+                .filter(|s| !s.is_empty())
                 .ok_or_else(|| "a 202 reply has no operationId".to_string())?,
             retry_after,
         }),
@@ -586,6 +587,16 @@ mod tests {
             b"\xff\xfe",
         ] {
             assert!(parse_reply(200, None, body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+        // A 202 without a status needs an operation id to poll, as "assigning"
+        // does: an empty one is none (the fuzz target dps_reply checks this).
+        for body in [
+            &br#"{"operationId":""}"#[..],
+            br#"{"operationId":null}"#,
+            b"{}",
+        ] {
+            let err = parse_reply(202, Some(1), body).unwrap_err();
+            assert!(err.contains("no operationId"), "{err}");
         }
     }
 

@@ -14,7 +14,7 @@ use rumqttc::{
 use serde_json::json;
 
 use crate::dps::wire::{clip, url_decode};
-use crate::tls::ClientIdentity;
+use crate::tls::{ClientIdentity, HandshakeFailure};
 
 /// Twin replies come on this filter.
 const TWIN_RESPONSES: &str = "$iothub/twin/res/#";
@@ -119,6 +119,8 @@ pub async fn check(
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(o, 8);
     eventloop.network_options.set_connection_timeout(15);
+    // Small request/response exchanges: no Nagle delay (see dps/mqtt.rs).
+    eventloop.network_options.set_tcp_nodelay(true);
     let session = session(&client, &mut eventloop, &endpoint, report);
     let result = match tokio::time::timeout(SESSION_TIMEOUT, session).await {
         Ok(r) => r,
@@ -280,29 +282,12 @@ fn classify(e: ConnectionError, endpoint: &str) -> HubError {
         };
     }
     if let Some(tls) = crate::tls::find_rustls_error(&e) {
-        use rustls::AlertDescription as A;
-        return match tls {
-            rustls::Error::InvalidCertificate(c) => HubError::ServerNotTrusted {
-                endpoint,
-                reason: format!("its certificate is invalid ({c:?})"),
-            },
-            rustls::Error::AlertReceived(
-                a @ (A::BadCertificate
-                | A::UnknownCA
-                | A::CertificateRequired
-                | A::CertificateUnknown
-                | A::CertificateExpired
-                | A::CertificateRevoked
-                | A::UnsupportedCertificate
-                | A::AccessDenied),
-            ) => HubError::Refused {
-                endpoint,
-                detail: format!("TLS alert {a:?}"),
-            },
-            other => HubError::Unreachable {
-                endpoint,
-                reason: format!("TLS handshake failed: {other}"),
-            },
+        return match crate::tls::handshake_failure(&tls) {
+            HandshakeFailure::ServerNotTrusted(reason) => {
+                HubError::ServerNotTrusted { endpoint, reason }
+            }
+            HandshakeFailure::ClientRefused(detail) => HubError::Refused { endpoint, detail },
+            HandshakeFailure::Other(reason) => HubError::Unreachable { endpoint, reason },
         };
     }
     HubError::Unreachable {

@@ -282,21 +282,26 @@ impl KeyUri {
 }
 
 /// Replaces the value of every `pin-value=` attribute (RFC 7512) in a URI-ish
-/// string, wherever it appears. The value runs to the next `&`: a query value
-/// may hold `?` and `/` unencoded, and in a URI the parser refuses, anything
-/// else (e.g. `;`) too, so stopping earlier would show the rest of the PIN.
+/// string, wherever it appears. A value runs to the next `&` in the query, and
+/// to the next `;` or the `?` in the path, as RFC 7512 splits them; never less:
+/// a query value may hold `?` and `/`, and a URI the parser refuses (shown
+/// redacted in its error) anything.
 fn redact(s: &str) -> String {
     const ATTR: &str = "pin-value=";
+    let query = s.find('?').unwrap_or(s.len());
     let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find(ATTR) {
-        out.push_str(&rest[..i + ATTR.len()]);
+    let mut pos = 0;
+    while let Some(i) = s[pos..].find(ATTR) {
+        let value = pos + i + ATTR.len();
+        out.push_str(&s[pos..value]);
         out.push_str("REDACTED");
-        rest = &rest[i + ATTR.len()..];
-        let end = rest.find('&').unwrap_or(rest.len());
-        rest = &rest[end..];
+        pos = if value > query {
+            s[value..].find('&').map_or(s.len(), |end| value + end)
+        } else {
+            s[value..query].find(';').map_or(query, |end| value + end)
+        };
     }
-    out.push_str(rest);
+    out.push_str(&s[pos..]);
     out
 }
 
@@ -624,10 +629,12 @@ mod tests {
         let e = KeyUri::parse("nope:pin-value=5555").unwrap_err();
         assert!(!e.to_string().contains("5555"));
         // Found by fuzzing (fuzz/fuzz_targets/pkcs11_uri.rs): the value ended at
-        // the first ';' or '?', so the rest of such a PIN was shown.
+        // the first ';', '&' or '?', so the rest of such a PIN was shown.
         for (uri, tail) in [
             ("pkcs11:token=t?pin-value=t1:tok;he-pin", "he-pin"),
             ("pkcs11:token=t?pin-value=12?34&module-name=x", "34"),
+            ("pkcs11:token=t;pin-value=ab&cd?module-name=x", "cd"),
+            ("pkcs11:x-pin-value=a?pin-value=12;34", "34"),
         ] {
             let u = KeyUri::parse(uri).unwrap();
             assert!(!u.redacted().contains(tail), "{}", u.redacted());

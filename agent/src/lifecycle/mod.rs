@@ -558,6 +558,7 @@ impl Agent {
                 verified.ignored
             );
         }
+        chain::check_anchored(&verified, &self.issuer_anchors()?)?;
         if let Some(old) = current {
             if old.assigned_hub != assignment.assigned_hub || old.device_id != assignment.device_id
             {
@@ -599,6 +600,9 @@ impl Agent {
             chain_pem: verified.to_pem(),
         };
         self.store.commit_identity(&identity)?;
+        // Old keys go before the new state is announced, so whoever sees
+        // "provisioned" sees one key.
+        self.delete_unused_keys(Some(&identity.key_uri));
         let (renew_at, jitter_ms) = (schedule.renew_at_ms, schedule.jitter_ms);
         self.update(|r| {
             r.phase = Phase::Provisioned;
@@ -639,8 +643,36 @@ impl Agent {
                 jitter_ms
             ),
         );
-        self.delete_unused_keys(Some(&identity.key_uri));
         Ok(identity)
+    }
+
+    /// The CAs a new chain must lead to ([`chain::check_anchored`]): `[operational]
+    /// issuer_trust`, else the root (last certificate) of the stored identity's chain, expired
+    /// or not. None before the first provisioning, which trusts what DPS issues.
+    fn issuer_anchors(&self) -> Result<Vec<Vec<u8>>, ChainError> {
+        if let Some(path) = &self.config.operational.issuer_trust {
+            let bad = |reason: String| ChainError::IssuerTrust {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            let certs = chain::certs_from_pem(&pem).map_err(bad)?;
+            if certs.is_empty() {
+                return Err(bad("holds no CERTIFICATE block".into()));
+            }
+            return Ok(certs);
+        }
+        let stored = self
+            .store
+            .load_identity()
+            .ok()
+            .flatten()
+            .filter(|id| id.registration_id == self.config.dps.registration_id);
+        Ok(stored
+            .and_then(|id| chain::certs_from_pem(&id.chain_pem).ok())
+            .and_then(|mut certs| certs.pop())
+            .into_iter()
+            .collect())
     }
 
     /// The commit gate: connects to the assigned hub with the new identity

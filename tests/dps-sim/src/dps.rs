@@ -197,7 +197,12 @@ impl Dps {
     /// Faults are tried in this order: `retry-after-large` (every register),
     /// `drop-after-register`, `throttle`, `server-error` (each once per registration id), then
     /// `csr-reject` (every register that carries a CSR).
+    /// `extra-fields` then adds unknown fields to the answer.
     pub fn register(&self, ctx: RequestContext<'_>, body: &[u8], faults: &FaultSet) -> Outcome {
+        with_extra_fields(self.register_answer(ctx, body, faults), faults)
+    }
+
+    fn register_answer(&self, ctx: RequestContext<'_>, body: &[u8], faults: &FaultSet) -> Outcome {
         let mut state = self.state();
         let reg_id = ctx.registration_id;
 
@@ -281,7 +286,17 @@ impl Dps {
     }
 
     /// `GET iotdps-get-operationstatus`: 202 while assigning, then the final 200.
+    /// `extra-fields` then adds unknown fields to the answer.
     pub fn poll(
+        &self,
+        ctx: RequestContext<'_>,
+        operation_id: Option<&str>,
+        faults: &FaultSet,
+    ) -> Outcome {
+        with_extra_fields(self.poll_answer(ctx, operation_id, faults), faults)
+    }
+
+    fn poll_answer(
         &self,
         ctx: RequestContext<'_>,
         operation_id: Option<&str>,
@@ -570,6 +585,36 @@ pub fn api_version_supports_csr(api_version: &str) -> bool {
         _ => b.is_ascii_digit(),
     });
     well_formed && date >= "2025-07-01"
+}
+
+/// `extra-fields`: what a later api-version might add (`connectionProfile` is announced for
+/// `2026-11-02-preview`), at the top level of every JSON object answer and in its
+/// `registrationState`, so a device can show that it ignores fields it does not know. Bodies
+/// that are not a JSON object (`malformed-json`) and dropped answers are left alone.
+fn with_extra_fields(mut out: Outcome, faults: &FaultSet) -> Outcome {
+    if !faults.contains(Fault::ExtraFields) || out.drop_connection {
+        return out;
+    }
+    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(&out.body) else {
+        return out;
+    };
+    add_unknown_fields(&mut map);
+    if let Some(Value::Object(state)) = map.get_mut("registrationState") {
+        add_unknown_fields(state);
+    }
+    out.body = Value::Object(map).to_string().into_bytes();
+    out.with_fault(Fault::ExtraFields)
+}
+
+fn add_unknown_fields(m: &mut Map<String, Value>) {
+    m.insert(
+        "connectionProfile".into(),
+        json!({"protocol": "mqtt5", "hostName": "future.example.net", "port": 8883}),
+    );
+    m.insert(
+        "futureField".into(),
+        json!({"enabled": true, "items": [1, "two", null, {"three": 3.0}]}),
+    );
 }
 
 /// The request body as the events file shows it: parsed JSON, or the raw text.
@@ -1116,6 +1161,32 @@ mod tests {
         let r = dps.register(ctx(), b"{}", &f);
         assert_eq!(r.status, 202);
         assert!(r.faults.is_empty());
+    }
+
+    #[test]
+    fn extra_fields_everywhere_and_nothing_else_changes() {
+        let (_dir, dps) = service(0);
+        let faults = FaultSet::new([Fault::ExtraFields]);
+        let a = dps.register(ctx(), br#"{"registrationId":"gw-0001"}"#, &faults);
+        assert_eq!(a.status, 202);
+        assert_eq!(a.faults, vec![Fault::ExtraFields]);
+        let body = json_body(&a);
+        assert_eq!(body["status"], "assigning");
+        assert_eq!(body["futureField"]["enabled"], true);
+        assert_eq!(body["connectionProfile"]["port"], 8883);
+        let op = a.operation_id.clone().unwrap();
+        let done = dps.poll(ctx(), Some(&op), &faults);
+        let body = json_body(&done);
+        assert_eq!(body["status"], "assigned");
+        assert_eq!(body["registrationState"]["deviceId"], REG);
+        assert!(body["registrationState"]["futureField"].is_object());
+        assert!(body["connectionProfile"].is_object());
+        // Errors too; dropped answers stay dropped.
+        let err = dps.poll(ctx(), None, &faults);
+        assert_eq!(err.status, 400);
+        assert!(json_body(&err)["futureField"].is_object());
+        let both = FaultSet::new([Fault::ExtraFields, Fault::DropAfterRegister]);
+        assert!(dps.register(ctx(), b"{}", &both).drop_connection);
     }
 
     #[test]

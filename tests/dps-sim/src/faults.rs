@@ -47,6 +47,9 @@ pub enum Fault {
     OversizeResponse,
     /// A register carrying a CSR gets 400, errorCode 400040.
     CsrReject,
+    /// Every DPS answer body gets fields the device API does not define (yet): `futureField`
+    /// and `connectionProfile` at the top level and in `registrationState`.
+    ExtraFields,
     /// The TLS server presents a certificate for another host name (wrong-host.example.net).
     Mitm,
     /// IoT Hub: every device connection gets CONNACK 5.
@@ -75,6 +78,7 @@ impl Fault {
         Fault::DropAfterRegister,
         Fault::OversizeResponse,
         Fault::CsrReject,
+        Fault::ExtraFields,
         Fault::Mitm,
         Fault::RejectCert,
         Fault::HubUnreachable,
@@ -100,6 +104,7 @@ impl Fault {
             Fault::DropAfterRegister => "drop-after-register",
             Fault::OversizeResponse => "oversize-response",
             Fault::CsrReject => "csr-reject",
+            Fault::ExtraFields => "extra-fields",
             Fault::Mitm => "mitm",
             Fault::RejectCert => "reject-cert",
             Fault::HubUnreachable => "hub-unreachable",
@@ -300,7 +305,7 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Fault::ALL.len());
-        assert_eq!(Fault::ALL.len(), 20);
+        assert_eq!(Fault::ALL.len(), 21);
     }
 
     #[test]

@@ -312,6 +312,7 @@ async fn handle(
             "delivered": delivered,
             "tpm_challenge": answer.challenge,
             "auth_error": answer.auth_error,
+            "body": (!outcome.drop_connection).then(|| dps::body_for_event(&outcome.body)),
         })
     };
     if outcome.drop_connection {

@@ -450,6 +450,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 "error_code": outcome.error_code,
                 "fault": faults::event_field(&outcome.faults),
                 "delivered": delivered,
+                "body": (!outcome.drop_connection).then(|| dps::body_for_event(&outcome.body)),
             }),
         );
     }

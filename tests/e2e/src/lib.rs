@@ -13,8 +13,10 @@ use serde_json::Value;
 pub mod daemon;
 pub mod dbus;
 pub mod mosquitto;
+pub mod netns;
 pub mod softhsm;
 pub mod swtpm;
+pub mod venv;
 
 /// The registration id the test PKI is made for.
 pub const REG_ID: &str = "gw-0001";
@@ -138,6 +140,9 @@ pub struct SimOptions {
     pub extra: Vec<String>,
     /// Also run the IoT Hub simulator (`--hub-port 0`, twins in `twins.json`).
     pub hub: bool,
+    /// A command prefix to run the simulator behind, e.g. [`netns::private`] for a network
+    /// namespace of its own; empty: run it directly.
+    pub wrapper: Vec<String>,
 }
 
 /// A running `dps-sim serve`. Killed on drop.
@@ -163,7 +168,14 @@ impl Sim {
         let control = dir.join("faults");
         let log = dir.join("sim.log");
         let _ = fs::remove_file(&ready);
-        let mut cmd = Command::new(bin("dps-sim"));
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("dps-sim"));
+                c
+            }
+            None => Command::new(bin("dps-sim")),
+        };
         cmd.arg("serve")
             .arg("--pki")
             .arg(&pki.dir)
@@ -234,6 +246,12 @@ impl Sim {
             twin_file,
             https_port,
         }
+    }
+
+    /// The simulator's process id (with a [`SimOptions::wrapper`] that execs it, such as
+    /// [`netns::private`], the simulator itself: [`netns::enter`] joins its namespace).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The hub simulator's device twins (`{deviceId: {reported, version}}`).
