@@ -21,6 +21,8 @@ help:
 	@echo "make deb    - build the amd64 .deb (release) into target/debian/"
 	@echo "make deb-arm64 - cross-build the arm64 .deb (installs the cross toolchain and qemu-user as root)"
 	@echo "make package-test - lintian, systemd-analyze, dpkg -i/-r/-P and the arm64 binary under qemu (make test runs it)"
+	@echo "make soak   - SIGKILL the daemon at SOAK_ITERATIONS (500) random moments during renewals, keys in swtpm"
+	@echo "make fuzz   - run every cargo-fuzz target in fuzz/ for FUZZ_SECONDS (60) each"
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -55,6 +57,15 @@ test: build lint venv
 
 clean:
 	$(CARGO) clean
+
+# `make soak`: the crash test of the renewal suite, longer and with the keys in swtpm.
+# Every kill is followed by a restart that must come back with a working identity
+# (see tests/e2e/tests/renewal.rs, survives_sigkill_at_random_moments_during_renewals).
+SOAK_ITERATIONS ?= 500
+.PHONY: soak
+soak: build
+	DPS_AGENT_CRASH_BACKEND=tpm DPS_AGENT_CRASH_ITERATIONS=$(SOAK_ITERATIONS) \
+	  $(CARGO) test -p dps-agent-e2e --locked --test renewal survives_sigkill -- --nocapture
 
 # --- Fuzzing (not part of `make test`) ---------------------------------------
 # `make fuzz`: each cargo-fuzz target in fuzz/ for FUZZ_SECONDS, from its committed
