@@ -62,17 +62,31 @@ pub struct Tpm {
 }
 
 impl Tpm {
-    /// Opens the TCTI named in `[tpm] tcti`. Sends no TPM command.
+    /// Opens the TCTI named in `[tpm] tcti`. Without a resource manager it
+    /// then flushes what a killed client left loaded ([`Tpm::flush_leftovers`]);
+    /// otherwise it sends no TPM command.
     pub fn connect(tcti: &str) -> Result<Tpm, TpmError> {
         let conf = TctiNameConf::from_str(tcti).map_err(|_| TpmError::BadTcti {
             tcti: tcti.to_string(),
         })?;
         match Context::new(conf) {
-            Ok(ctx) => Ok(Tpm {
-                ctx,
-                curves: None,
-                reconnect: false,
-            }),
+            Ok(ctx) => {
+                let mut tpm = Tpm {
+                    ctx,
+                    curves: None,
+                    reconnect: false,
+                };
+                if !has_resource_manager(tcti) {
+                    match tpm.flush_leftovers() {
+                        Ok(0) => {}
+                        Ok(n) => log::warn!(
+                            "flushed {n} transient object(s) left loaded in the TPM ({tcti} has no resource manager; a process was stopped in the middle of a TPM command)"
+                        ),
+                        Err(e) => log::warn!("could not flush objects left loaded in the TPM: {e}"),
+                    }
+                }
+                Ok(tpm)
+            }
             Err(e) => {
                 let device = device_path(tcti);
                 let check = device.as_ref().map(|p| {
@@ -249,6 +263,27 @@ impl Tpm {
         }
     }
 
+    /// Flushes every transient object loaded in the TPM; returns how many.
+    /// Only for a TPM without resource manager, right after connecting: then
+    /// no other client can be connected (swtpm and `/dev/tpm0` take one at a
+    /// time) and this agent flushes what it makes before each job returns, so
+    /// anything loaded was left by a client that died mid-command. Left there,
+    /// such objects fill the TPM's few object slots and every later
+    /// CreatePrimary or Load fails with TPM_RC_OBJECT_MEMORY.
+    pub fn flush_leftovers(&mut self) -> Result<usize, TpmError> {
+        let handles = self.transient_handles()?;
+        for &h in &handles {
+            let tpm_handle = TpmHandle::try_from(h)
+                .map_err(|e| command_error("naming a leftover transient object", e))?;
+            let object = self
+                .ctx
+                .execute_without_session(|c| c.tr_from_tpm_public(tpm_handle))
+                .map_err(|e| command_error("opening a leftover transient object", e))?;
+            self.flush(object, "flushing a leftover transient object")?;
+        }
+        Ok(handles.len())
+    }
+
     /// Transient objects currently loaded (a resource manager shows only ours).
     pub fn transient_handles(&mut self) -> Result<Vec<u32>, TpmError> {
         self.handles(TRANSIENT_FIRST, 64)
@@ -376,6 +411,18 @@ impl Tpm {
         self.ctx
             .flush_context(handle)
             .map_err(|e| command_error(action, e))
+    }
+}
+
+/// Whether a TCTI goes through a resource manager, which flushes what a client
+/// leaves loaded when it disconnects: the kernel's (`device:/dev/tpmrm0`) or
+/// tpm2-abrmd (`tabrmd`). A raw device, swtpm and mssim have none.
+pub fn has_resource_manager(tcti: &str) -> bool {
+    let (name, conf) = tcti.split_once(':').unwrap_or((tcti, ""));
+    match name {
+        "device" => conf.contains("tpmrm"),
+        "tabrmd" => true,
+        _ => false,
     }
 }
 

@@ -400,3 +400,26 @@ fn sign_cost_on_swtpm() {
     }
     assert!(store.transient_handles().unwrap().is_empty());
 }
+
+/// swtpm, like a raw /dev/tpm0, has no resource manager: a client killed in
+/// the middle of a TPM command leaves its objects loaded, and a TPM holds only
+/// a few. The next connection flushes them, or nothing could be made or loaded.
+#[test]
+fn a_connection_flushes_objects_a_dead_client_left_loaded() {
+    let tpm = TestTpm::start();
+    tpm.leak_primaries(3);
+    let store = store(&tpm);
+    assert!(store.transient_handles().unwrap().is_empty());
+    let uri = store
+        .generate("op-after-leak", KeyAlgorithm::EcdsaP256)
+        .expect("the TPM has room again");
+    let key = store.open(&uri).unwrap();
+    let sig = key
+        .sign_message(KeyAlgorithm::EcdsaP256.default_scheme(), b"hello")
+        .unwrap();
+    assert!(verify(key.public_key_der(), false, b"hello", &sig));
+    assert!(ops::has_resource_manager("device:/dev/tpmrm0"));
+    assert!(ops::has_resource_manager("tabrmd:bus_type=system"));
+    assert!(!ops::has_resource_manager("device:/dev/tpm0"));
+    assert!(!ops::has_resource_manager(&tpm.tcti()));
+}

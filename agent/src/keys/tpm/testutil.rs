@@ -85,6 +85,25 @@ impl TestTpm {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// What clients killed in the middle of a TPM command leave behind when
+    /// there is no resource manager: `n` primaries still loaded. Checks that
+    /// they are.
+    pub fn leak_primaries(&self, n: usize) {
+        for i in 0..n {
+            let ctx = format!("leak{i}.ctx");
+            self.tpm2_raw(
+                "tpm2_createprimary",
+                &["-C", "o", "-G", "ecc256", "-c", &ctx],
+            );
+        }
+        let listed = self.tpm2_raw("tpm2_getcap", &["handles-transient"]);
+        assert_eq!(
+            listed.lines().filter(|l| l.contains("0x80")).count(),
+            n,
+            "{listed}"
+        );
+    }
+
     /// Persists an ECDSA key (tpm2-tools, under the standard primary) at `handle`.
     /// `attrs` are tpm2_create's object attributes.
     pub fn persist_key(&self, curve: &str, handle: &str, attrs: &str) {
