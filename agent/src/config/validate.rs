@@ -452,14 +452,7 @@ fn operational(cx: &Ctx, o: RawOperational) -> Result<OperationalConfig, ConfigE
     let renew_jitter = cx.duration("operational.renew_jitter", o.renew_jitter, "6h")?;
     let renewal_path = match o.renewal_path.as_deref().unwrap_or("dps") {
         "dps" => RenewalPath::Dps,
-        "hub" => {
-            return Err(cx.bad(
-                "operational.renewal_path",
-                "hub",
-                "is not available in this version yet",
-                "use renewal_path = \"dps\"",
-            ))
-        }
+        "hub" => RenewalPath::Hub,
         other => {
             return Err(cx.bad(
                 "operational.renewal_path",

@@ -13,6 +13,8 @@ use rumqttc::{
 };
 use serde_json::json;
 
+pub mod credentials;
+
 use crate::dps::wire::{clip, url_decode};
 use crate::tls::{ClientIdentity, HandshakeFailure};
 
@@ -85,6 +87,13 @@ pub enum HubError {
     Protocol { endpoint: String, reason: String },
     #[error("IoT Hub {endpoint} answered the twin update with status {status}")]
     TwinRejected { endpoint: String, status: u16 },
+    #[error("IoT Hub {endpoint} answered the certificate request with status {status}{detail}")]
+    CertificateRequest {
+        endpoint: String,
+        status: u16,
+        /// `: errorCode …, message …, trackingId …` from the error body, or empty.
+        detail: String,
+    },
 }
 
 impl HubError {
@@ -110,128 +119,179 @@ pub async fn check(
     tls: Arc<rustls::ClientConfig>,
     report: Option<&CertificateReport>,
 ) -> Result<HubOutcome, HubError> {
-    let endpoint = format!("{}:{}", target.host, target.port);
-    let mut o = MqttOptions::new(target.device_id.clone(), target.host.clone(), target.port);
-    o.set_credentials(target.username(), "");
-    o.set_keep_alive(Duration::from_secs(60));
-    o.set_clean_session(true);
-    o.set_max_packet_size(MAX_INCOMING, 64 * 1024);
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    let (client, mut eventloop) = AsyncClient::new(o, 8);
-    eventloop.network_options.set_connection_timeout(15);
-    // Small request/response exchanges: no Nagle delay (see dps/mqtt.rs).
-    eventloop.network_options.set_tcp_nodelay(true);
-    let session = session(&client, &mut eventloop, &endpoint, report);
-    let result = match tokio::time::timeout(SESSION_TIMEOUT, session).await {
-        Ok(r) => r,
-        Err(_) => Err(HubError::Unreachable {
-            endpoint: endpoint.clone(),
-            reason: format!("no answer within {}s", SESSION_TIMEOUT.as_secs()),
-        }),
-    };
-    if client.disconnect().await.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while eventloop.poll().await.is_ok() {}
-        })
-        .await;
-    }
+    let mut s = Session::open(target, tls);
+    let endpoint = s.endpoint.clone();
+    let result = within(&endpoint, SESSION_TIMEOUT, session(&mut s, report)).await;
+    s.close().await;
     result
 }
 
-async fn session(
-    client: &AsyncClient,
-    eventloop: &mut EventLoop,
+/// One MQTT connection to the hub as `target.device_id`, not yet connected:
+/// the first poll of `eventloop` sends the CONNECT.
+pub(crate) struct Session {
+    pub(crate) client: AsyncClient,
+    pub(crate) eventloop: EventLoop,
+    /// `host:port`, for messages.
+    pub(crate) endpoint: String,
+}
+
+impl Session {
+    pub(crate) fn open(target: &HubTarget, tls: Arc<rustls::ClientConfig>) -> Session {
+        let endpoint = format!("{}:{}", target.host, target.port);
+        let mut o = MqttOptions::new(target.device_id.clone(), target.host.clone(), target.port);
+        o.set_credentials(target.username(), "");
+        o.set_keep_alive(Duration::from_secs(60));
+        o.set_clean_session(true);
+        o.set_max_packet_size(MAX_INCOMING, 64 * 1024);
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        let (client, mut eventloop) = AsyncClient::new(o, 8);
+        eventloop.network_options.set_connection_timeout(15);
+        // Small request/response exchanges: no Nagle delay (see dps/mqtt.rs).
+        eventloop.network_options.set_tcp_nodelay(true);
+        Session {
+            client,
+            eventloop,
+            endpoint,
+        }
+    }
+
+    /// Reads packets until the CONNACK: the hub accepted the certificate.
+    pub(crate) async fn connack(&mut self) -> Result<(), HubError> {
+        loop {
+            match self.eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(classify(e, &self.endpoint)),
+            }
+        }
+    }
+
+    /// Subscribes to `filter` and waits for the SUBACK (the hub drops answers
+    /// to requests published before it).
+    pub(crate) async fn subscribe(&mut self, filter: &str) -> Result<(), HubError> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?;
+        loop {
+            match self.eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
+                        return Err(
+                            self.protocol(format!("the subscription to {filter} was refused"))
+                        );
+                    }
+                    return Ok(());
+                }
+                Ok(_) => continue,
+                Err(e) => return Err(classify(e, &self.endpoint)),
+            }
+        }
+    }
+
+    /// Publishes `body` to `topic` (QoS 1).
+    pub(crate) async fn publish(&mut self, topic: String, body: Vec<u8>) -> Result<(), HubError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .map_err(|e| self.protocol(e.to_string()))
+    }
+
+    /// The next PUBLISH from the hub.
+    pub(crate) async fn next_publish(&mut self) -> Result<rumqttc::Publish, HubError> {
+        loop {
+            match self.eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => return Ok(p),
+                Ok(_) => continue,
+                Err(e) => return Err(classify(e, &self.endpoint)),
+            }
+        }
+    }
+
+    pub(crate) fn protocol(&self, reason: String) -> HubError {
+        HubError::Protocol {
+            endpoint: self.endpoint.clone(),
+            reason,
+        }
+    }
+
+    /// DISCONNECT, then drains the connection for up to 500 ms.
+    pub(crate) async fn close(mut self) {
+        if self.client.disconnect().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while self.eventloop.poll().await.is_ok() {}
+            })
+            .await;
+        }
+    }
+}
+
+/// `work`, or Unreachable when it takes longer than `timeout`.
+pub(crate) async fn within<T>(
     endpoint: &str,
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, HubError>>,
+) -> Result<T, HubError> {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(HubError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason: format!("no answer within {}s", timeout.as_secs()),
+        }),
+    }
+}
+
+async fn session(
+    s: &mut Session,
     report: Option<&CertificateReport>,
 ) -> Result<HubOutcome, HubError> {
     // CONNECT → CONNACK: the proof.
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => break,
-            Ok(_) => continue,
-            Err(e) => return Err(classify(e, endpoint)),
-        }
-    }
-    log::debug!("IoT Hub {endpoint} accepted the certificate");
+    s.connack().await?;
+    log::debug!("IoT Hub {} accepted the certificate", s.endpoint);
     let Some(report) = report else {
         return Ok(HubOutcome {
             twin_version: None,
             twin_error: None,
         });
     };
-    Ok(
-        match report_twin(client, eventloop, endpoint, report).await {
-            Ok(version) => HubOutcome {
-                twin_version: version,
-                twin_error: None,
-            },
-            Err(e) => HubOutcome {
-                twin_version: None,
-                twin_error: Some(e),
-            },
+    Ok(match report_twin(s, report).await {
+        Ok(version) => HubOutcome {
+            twin_version: version,
+            twin_error: None,
         },
-    )
+        Err(e) => HubOutcome {
+            twin_version: None,
+            twin_error: Some(e),
+        },
+    })
 }
 
 /// Subscribes to twin replies, PATCHes the reported properties, waits for 204.
-async fn report_twin(
-    client: &AsyncClient,
-    eventloop: &mut EventLoop,
-    endpoint: &str,
-    report: &CertificateReport,
-) -> Result<Option<u64>, HubError> {
-    let protocol = |reason: String| HubError::Protocol {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    client
-        .subscribe(TWIN_RESPONSES, QoS::AtLeastOnce)
-        .await
-        .map_err(|e| protocol(e.to_string()))?;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    return Err(protocol(format!(
-                        "the subscription to {TWIN_RESPONSES} was refused"
-                    )));
-                }
-                break;
-            }
-            Ok(_) => continue,
-            Err(e) => return Err(classify(e, endpoint)),
-        }
-    }
+async fn report_twin(s: &mut Session, report: &CertificateReport) -> Result<Option<u64>, HubError> {
+    s.subscribe(TWIN_RESPONSES).await?;
     let rid = format!("{:08x}", rand::random::<u32>());
     let topic = format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}");
-    client
-        .publish(topic, QoS::AtLeastOnce, false, report.patch().to_string())
-        .await
-        .map_err(|e| protocol(e.to_string()))?;
+    s.publish(topic, report.patch().to_string().into_bytes())
+        .await?;
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Some(reply) = parse_twin_response(&p.topic) else {
-                    continue;
-                };
-                if reply.rid.as_deref() != Some(rid.as_str()) {
-                    continue;
-                }
-                return match reply.status {
-                    200..=299 => Ok(reply.version),
-                    status => Err(HubError::TwinRejected {
-                        endpoint: endpoint.to_string(),
-                        status,
-                    }),
-                };
-            }
-            Ok(_) => continue,
-            Err(e) => return Err(classify(e, endpoint)),
+        let p = s.next_publish().await?;
+        let Some(reply) = parse_twin_response(&p.topic) else {
+            continue;
+        };
+        if reply.rid.as_deref() != Some(rid.as_str()) {
+            continue;
         }
+        return match reply.status {
+            200..=299 => Ok(reply.version),
+            status => Err(HubError::TwinRejected {
+                endpoint: s.endpoint.clone(),
+                status,
+            }),
+        };
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::bootstrap::{self, BootstrapError};
 use crate::chain::{self, ChainError, Expectations};
 use crate::clock::{rfc3339, Clock, SystemClock};
-use crate::config::{Attestation, Config};
+use crate::config::{Attestation, Config, RenewalPath};
 use crate::csr::{Csr, CsrError};
 use crate::dps::{self, DpsError, RegistrationRequest};
 use crate::hub::{self, CertificateReport, HubError, HubTarget};
@@ -430,11 +430,12 @@ impl Agent {
     }
 
     /// The rotation flow: a key (fresh unless `rotate_key = false`), a CSR,
-    /// DPS, the chain checks, then the commit. Any failure before the commit
-    /// deletes the new key and leaves the committed identity as it was.
+    /// IoT Hub's certificate API (with `renewal_path = "hub"` and a current
+    /// identity) or else DPS, the chain checks, then the commit. Any failure
+    /// before the commit deletes the new key and leaves the committed identity
+    /// as it was.
     async fn rotate(&self, current: Option<&Identity>) -> Result<Identity, ProvisionError> {
         let cfg = &self.config;
-        let tls_config = self.bootstrap_tls()?;
         let reuse = match current {
             Some(id) if !cfg.operational.rotate_key => Some(id.key_uri.clone()),
             _ => None,
@@ -443,15 +444,82 @@ impl Agent {
             Some(uri) => uri,
             None => self.generate_pending_key().await?,
         };
-        let result = self
-            .register_and_commit(&key_uri, tls_config, current)
-            .await;
+        let result = self.obtain_and_commit(&key_uri, current).await;
         if result.is_err() && Some(&key_uri) != current.map(|c| &c.key_uri) {
             if let Err(de) = self.keys.delete(&key_uri) {
                 log::warn!("could not delete the unused key {key_uri}: {de}");
             }
         }
         result
+    }
+
+    async fn obtain_and_commit(
+        &self,
+        key_uri: &KeyUri,
+        current: Option<&Identity>,
+    ) -> Result<Identity, ProvisionError> {
+        if let Some(cur) =
+            current.filter(|_| self.config.operational.renewal_path == RenewalPath::Hub)
+        {
+            match self.renew_at_hub(key_uri, cur).await {
+                Ok(identity) => return Ok(identity),
+                Err(e) => log::warn!(
+                    "renewal through IoT Hub {} failed: {e}; registering with DPS instead",
+                    cur.assigned_hub
+                ),
+            }
+        }
+        let onboarding = self.bootstrap_tls()?;
+        self.register_and_commit(key_uri, onboarding, current).await
+    }
+
+    /// Renews through the assigned hub's certificate API, connecting with the
+    /// current identity. The device keeps its hub and device id.
+    async fn renew_at_hub(
+        &self,
+        key_uri: &KeyUri,
+        cur: &Identity,
+    ) -> Result<Identity, ProvisionError> {
+        let key = self.keys.open(key_uri)?;
+        let csr = Csr::build(key.as_ref(), &cur.device_id)?;
+        let target = HubTarget {
+            host: cur.assigned_hub.clone(),
+            port: self.config.hub.port,
+            device_id: cur.device_id.clone(),
+            api_version: hub::credentials::API_VERSION.to_string(),
+        };
+        log::info!(
+            "asking IoT Hub {} for a certificate for device {} (certificate API, api-version {})",
+            target.host,
+            target.device_id,
+            target.api_version
+        );
+        let tls = self.current_hub_tls(cur)?;
+        let issued_chain =
+            hub::credentials::issue_certificate(&target, tls, &csr.to_base64()).await?;
+        let assignment = dps::Assignment {
+            assigned_hub: cur.assigned_hub.clone(),
+            device_id: cur.device_id.clone(),
+            substatus: None,
+            issued_chain,
+        };
+        self.check_prove_commit(key_uri, key, assignment, &cur.device_id, Some(cur))
+            .await
+    }
+
+    /// A TLS client configuration presenting the committed identity (its chain
+    /// without the root, its key).
+    fn current_hub_tls(&self, cur: &Identity) -> Result<Arc<rustls::ClientConfig>, ProvisionError> {
+        let key = self.keys.open(&cur.key_uri)?;
+        let chain = crate::chain::certs_from_pem(&cur.chain_pem).unwrap_or_default();
+        let presented: Vec<Vec<u8>> = match chain.len() {
+            0 | 1 => chain,
+            n => chain[..n - 1].to_vec(),
+        };
+        Ok(tls::client_config(
+            &self.config.dps.trust_bundle,
+            Some(hub::identity(presented, key)),
+        )?)
     }
 
     /// The TLS configuration that presents the bootstrap credential.
@@ -541,12 +609,28 @@ impl Agent {
             },
         )
         .await?;
+        self.check_prove_commit(key_uri, key, assignment, &cfg.dps.registration_id, current)
+            .await
+    }
+
+    /// The checks of an issued chain (leaf holds `key`, CN `common_name`,
+    /// signatures, dates, anchored), the hub gate and twin report, then the
+    /// commit.
+    async fn check_prove_commit(
+        &self,
+        key_uri: &KeyUri,
+        key: Arc<dyn crate::keys::Key>,
+        assignment: dps::Assignment,
+        common_name: &str,
+        current: Option<&Identity>,
+    ) -> Result<Identity, ProvisionError> {
+        let cfg = &self.config;
         let now = self.clock.now();
         let verified = chain::verify(
             &assignment.issued_chain,
             &Expectations {
                 leaf_spki: key.public_key_der(),
-                common_name: Some(&cfg.dps.registration_id),
+                common_name: Some(common_name),
                 now,
                 max_skew_secs: cfg.operational.max_clock_skew.as_secs(),
                 require_issuer: true,
@@ -746,27 +830,12 @@ impl Agent {
     /// After the hub refused a new certificate: does it still take the current
     /// one? If not, say so loudly; the next attempt registers with DPS again.
     async fn check_current_at_hub(&self, cur: &Identity, new_target: &HubTarget) {
-        let key = match self.keys.open(&cur.key_uri) {
-            Ok(k) => k,
-            Err(e) => {
-                log::warn!("cannot open the current key to test it at the hub: {e}");
-                return;
-            }
-        };
-        let chain = crate::chain::certs_from_pem(&cur.chain_pem).unwrap_or_default();
-        let presented: Vec<Vec<u8>> = match chain.len() {
-            0 | 1 => chain,
-            n => chain[..n - 1].to_vec(),
-        };
         let target = HubTarget {
             host: cur.assigned_hub.clone(),
             device_id: cur.device_id.clone(),
             ..new_target.clone()
         };
-        let tls = match tls::client_config(
-            &self.config.dps.trust_bundle,
-            Some(hub::identity(presented, key)),
-        ) {
+        let tls = match self.current_hub_tls(cur) {
             Ok(t) => t,
             Err(e) => {
                 log::warn!("cannot test the current identity at the hub: {e}");

@@ -2,7 +2,7 @@
 //! `--control` file) and the set that is active for one request or connection. This module only
 //! says *which* faults are on; `dps.rs` decides what each one does to a DPS answer or an issued
 //! chain, `server.rs` / `tls.rs` apply the connection-level ones (`mitm`, `hub-unreachable`) and
-//! `hub_mqtt.rs` applies `reject-cert`.
+//! `hub_mqtt.rs` applies `reject-cert` and `hub-csr-unavailable`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -56,6 +56,8 @@ pub enum Fault {
     RejectCert,
     /// IoT Hub: TCP connections are accepted and closed at once, before TLS.
     HubUnreachable,
+    /// IoT Hub: every certificate request (`issueCertificate`) is answered 503, errorCode 503001.
+    HubCsrUnavailable,
 }
 
 impl Fault {
@@ -82,6 +84,7 @@ impl Fault {
         Fault::Mitm,
         Fault::RejectCert,
         Fault::HubUnreachable,
+        Fault::HubCsrUnavailable,
     ];
 
     /// The name used on the command line, in the control file and in events.
@@ -108,6 +111,7 @@ impl Fault {
             Fault::Mitm => "mitm",
             Fault::RejectCert => "reject-cert",
             Fault::HubUnreachable => "hub-unreachable",
+            Fault::HubCsrUnavailable => "hub-csr-unavailable",
         }
     }
 
@@ -305,7 +309,7 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Fault::ALL.len());
-        assert_eq!(Fault::ALL.len(), 21);
+        assert_eq!(Fault::ALL.len(), 22);
     }
 
     #[test]

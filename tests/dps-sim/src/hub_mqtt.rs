@@ -33,6 +33,8 @@ use crate::wire::{self, ConnectError, Wire};
 pub const MAX_INCOMING: usize = 256 * 1024;
 /// errorCode of a certificate issuance that failed inside the simulator.
 pub const ERR_SERVER: u32 = 500_001;
+/// errorCode of the `hub-csr-unavailable` fault (IoT Hub's transient "service unavailable").
+pub const ERR_UNAVAILABLE: u32 = 503_001;
 /// How long a certificate operation is said to stay open (`operationExpires`).
 const OPERATION_LIFETIME: time::Duration = time::Duration::hours(12);
 
@@ -394,7 +396,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// The hub's certificate API (protocol.md §6.2): 202 `{correlationId, operationExpires}`,
     /// then at once 200 `{correlationId, certificates: [leaf, ICA, root]}` (base64 DER), issued
     /// by the same CA and with the same issuance faults as DPS. Errors are 400 (400004 for the
-    /// body or `$rid`, the CSR codes of `issue.rs`) or 500 (500001).
+    /// body or `$rid`, the CSR codes of `issue.rs`), 500 (500001), or 503 (503001) under the
+    /// `hub-csr-unavailable` fault.
     async fn certificate_request(
         &mut self,
         rid: Option<String>,
@@ -434,13 +437,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     .await
             }
         };
+        let faults = self.sim.faults.current().await;
+        if faults.contains(Fault::HubCsrUnavailable) {
+            return self
+                .credential_error(
+                    &rid,
+                    503,
+                    ERR_UNAVAILABLE,
+                    "Service unavailable (hub-csr-unavailable fault)",
+                )
+                .await;
+        }
         let correlation_id = uuid_like();
         let expires = hub::rfc3339(OffsetDateTime::now_utc() + OPERATION_LIFETIME);
         let accepted = json!({"correlationId": correlation_id, "operationExpires": expires});
         self.credential_response(&rid, 202, accepted, None, Some(&correlation_id), &[])
             .await?;
 
-        let faults = self.sim.faults.current().await;
         match self.sim.dps.issue_leaf(&self.device_id, &csr, &faults) {
             Ok((issued, applied)) => {
                 self.emit("issued", issued_fields(&self.device_id, &issued, &applied));

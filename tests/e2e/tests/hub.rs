@@ -240,3 +240,121 @@ fn mosquitto_checks_the_client_certificate_with_a_file_key() {
 fn mosquitto_checks_the_client_certificate_with_a_tpm_key() {
     mosquitto_accepts("tpm");
 }
+
+/// DPS registrations the simulator received.
+fn dps_registrations(sim: &Sim) -> usize {
+    of_kind(&sim.events(), "request")
+        .into_iter()
+        .filter(|e| e["service"] == "dps" && e["kind"] == "register")
+        .count()
+}
+
+/// `renewal_path = "hub"`: a renewal asks the assigned hub's certificate API,
+/// connected with the current certificate, and makes no DPS registration; when
+/// the API fails, the same attempt registers with DPS instead.
+#[test]
+fn renewal_through_the_hub_certificate_api_falls_back_to_dps() {
+    let d = TestDir::new("hub-renewal-path");
+    let (_pki, sim) = hub_sim(&d);
+    let setup = AgentSetup::for_sim(&d.path, &sim);
+    let cfg = setup.write(&d.join("config.toml"));
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[operational]\n", "[operational]\nrenewal_path = \"hub\"\n");
+    fs::write(&cfg, text).unwrap();
+    let state = setup.state_dir.clone();
+    let mut daemon = Daemon::start(&cfg, &state, &d.join("agent.log"));
+    // The first identity can only come from DPS.
+    daemon.wait_for("provisioning", Duration::from_secs(30), |d| {
+        d.status()["state"] == "provisioned"
+    });
+    assert_eq!(dps_registrations(&sim), 1);
+    let first = identity(&state);
+
+    daemon.hup();
+    daemon.wait_for("a renewal through the hub", Duration::from_secs(30), |d| {
+        d.status()["renewals"].as_u64().unwrap_or(0) >= 2
+    });
+    let second = identity(&state);
+    assert_ne!(second["thumbprint"], first["thumbprint"]);
+    assert_ne!(second["key_uri"], first["key_uri"], "a fresh key");
+    assert_eq!(second["device_id"], first["device_id"]);
+    assert_eq!(second["assigned_hub"], first["assigned_hub"]);
+    assert_eq!(dps_registrations(&sim), 1, "no DPS registration");
+    let events = sim.events();
+    // The request came over a connection made with the first certificate.
+    let requests = of_kind(&events, "credential_request");
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let conn = requests[0]["conn"].clone();
+    let connect = of_kind(&events, "connect")
+        .into_iter()
+        .find(|e| e["conn"] == conn)
+        .expect("the request's connection");
+    assert_eq!(
+        connect["cert_sha256"].as_str().unwrap().to_uppercase(),
+        first["thumbprint"].as_str().unwrap()
+    );
+    assert!(connect["username"]
+        .as_str()
+        .unwrap()
+        .contains("api-version=2025-08-01-preview"));
+    assert_eq!(requests[0]["body"]["id"], REG_ID);
+    assert_eq!(requests[0]["body"]["replace"], "*");
+    let statuses: Vec<Value> = of_kind(&events, "credential_response")
+        .into_iter()
+        .map(|e| e["status"].clone())
+        .collect();
+    assert_eq!(statuses, [202, 200]);
+    // The issued chain holds the new key, and the hub proved and reported it.
+    leaf_matches_file_key(&second);
+    assert_eq!(
+        reported_certificate(&sim)["thumbprint"],
+        second["thumbprint"]
+    );
+    assert_eq!(key_count(&state), 1);
+
+    // The certificate API fails: the same attempt goes to DPS.
+    sim.set_faults(&["hub-csr-unavailable"]);
+    daemon.hup();
+    daemon.wait_for("a renewal through DPS", Duration::from_secs(30), |d| {
+        d.status()["renewals"].as_u64().unwrap_or(0) >= 3
+    });
+    let third = identity(&state);
+    assert_ne!(third["thumbprint"], second["thumbprint"]);
+    assert_eq!(dps_registrations(&sim), 2);
+    let events = sim.events();
+    let responses = of_kind(&events, "credential_response");
+    assert_eq!(responses.last().unwrap()["status"], 503);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("answered the certificate request with status 503: errorCode 503001")
+            && log.contains("registering with DPS instead"),
+        "{log}"
+    );
+    assert_eq!(daemon.status()["failures"], 0);
+    assert_eq!(key_count(&state), 1);
+    leaf_matches_file_key(&third);
+    daemon.stop();
+}
+
+/// The identity's leaf holds the public key of its key file.
+fn leaf_matches_file_key(id: &Value) {
+    let key = id["key_uri"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("file:")
+        .unwrap();
+    let pem = id["chain_pem"].as_str().unwrap();
+    let leaf = &pem[..pem.find("-----END CERTIFICATE-----").unwrap() + 25];
+    let dir = Path::new(key).parent().unwrap();
+    let leaf_file = dir.join("../leaf-check.pem");
+    fs::write(&leaf_file, leaf).unwrap();
+    let from_cert = run(std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(&leaf_file));
+    let from_key = run(std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(key));
+    assert!(from_cert.status.success() && from_key.status.success());
+    assert_eq!(from_cert.stdout, from_key.stdout);
+}
