@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 use crate::bootstrap;
 use crate::chain::{self, Expectations};
 use crate::clock::{rfc3339, Clock};
-use crate::config::{Attestation, Config};
+use crate::config::{Attestation, Config, Enrollment};
+use crate::dps::{read_key_file, CredentialError};
 use crate::keys::{Backend, KeySettings, Keys};
 use crate::lifecycle::schedule::{self, Policy};
 use crate::status::human_delta;
@@ -202,10 +203,34 @@ fn bootstrap_credential(
         }
         other => {
             // Symmetric key or TPM attestation: no client certificate in TLS.
-            out.push(Finding::ok(
-                "bootstrap",
-                format!("attestation method {}", other.method()),
-            ));
+            out.push(match other {
+                Attestation::SymmetricKey {
+                    key_file,
+                    enrollment,
+                } => match read_key_file(key_file) {
+                    Ok(_) => Finding::ok(
+                        "bootstrap",
+                        format!(
+                            "symmetric key of the {} enrollment in {} (base64, mode 0600)",
+                            match enrollment {
+                                Enrollment::Individual => "individual",
+                                Enrollment::Group => "group",
+                            },
+                            key_file.display()
+                        ),
+                    ),
+                    Err(CredentialError::KeyFile { path, problem, fix }) => Finding::fail(
+                        "bootstrap",
+                        format!("[dps.attestation] key_file {}: {problem}", path.display()),
+                        fix,
+                    ),
+                    Err(e) => Finding::fail("bootstrap", e.to_string(), "see the message"),
+                },
+                other => Finding::ok(
+                    "bootstrap",
+                    format!("attestation method {}", other.method()),
+                ),
+            });
             match tls::client_config(&config.dps.trust_bundle, None) {
                 Ok(t) => Some(t),
                 Err(e) => {

@@ -131,3 +131,59 @@ fn check_passes_a_healthy_gateway_and_fails_broken_ones() {
     assert_eq!(o.status.code(), Some(1));
     assert!(line(&lines(&o), "FAIL", "config").is_some(), "{}", text(&o));
 }
+
+/// With symmetric-key attestation `check` reads the key file as provisioning
+/// would: a 0600 file holding a base64 key is OK; one other users can read, or
+/// one that holds no key, is a FAIL line with the fix, and the key never shows.
+#[test]
+fn check_reads_the_symmetric_key_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TestDir::new("check-sas");
+    let pki = Pki::generate(&d.join("pki"));
+    let sim = Sim::start(
+        &d.join("sim"),
+        &pki,
+        &SimOptions {
+            retry_after: Some(0),
+            ..Default::default()
+        },
+    );
+    let setup = AgentSetup::for_sim(&d.path, &sim);
+    let key_file = d.join("dps.key");
+    let key = "c2VjcmV0LWdyb3VwLWtleS1mb3ItdGhlLWNoZWNrLXRlc3Q=";
+    let write_key = |text: &str, mode: u32| {
+        fs::write(&key_file, text).unwrap();
+        fs::set_permissions(&key_file, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let cfg = setup.write_with(
+        &d.join("config.toml"),
+        "mqtt",
+        &format!(
+            "method = \"symmetric_key\"\nkey_file = \"{}\"\nenrollment = \"group\"",
+            key_file.display()
+        ),
+    );
+
+    write_key(&format!("{key}\n"), 0o600);
+    let o = agent(&cfg, &["check"]);
+    let l = lines(&o);
+    let ok = line(&l, "OK", "bootstrap").unwrap_or_else(|| panic!("{}", text(&o)));
+    assert!(ok.contains("symmetric key of the group enrollment"), "{ok}");
+
+    write_key(&format!("{key}\n"), 0o644);
+    let o = agent(&cfg, &["check"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let l = lines(&o);
+    let fail = line(&l, "FAIL", "bootstrap").unwrap_or_else(|| panic!("{}", text(&o)));
+    assert!(fail.contains("mode 0644"), "{fail}");
+    assert!(text(&o).contains("chmod 600"), "{}", text(&o));
+    assert!(!text(&o).contains(key), "the key shows:\n{}", text(&o));
+
+    write_key("not a key at all!\n", 0o600);
+    let o = agent(&cfg, &["check"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let l = lines(&o);
+    let fail = line(&l, "FAIL", "bootstrap").unwrap_or_else(|| panic!("{}", text(&o)));
+    assert!(fail.contains("does not hold a key"), "{fail}");
+    assert!(!text(&o).contains("not a key at all"), "{}", text(&o));
+}
