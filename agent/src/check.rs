@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use crate::bootstrap;
 use crate::chain::{self, Expectations};
 use crate::clock::{rfc3339, Clock};
-use crate::config::{Attestation, Config, Enrollment};
+use crate::config::{Attestation, Config, Enrollment, SymmetricKeySource};
 use crate::dps::{read_key_file, CredentialError};
 use crate::keys::{Backend, KeySettings, Keys};
 use crate::lifecycle::schedule::{self, Policy};
@@ -204,28 +204,9 @@ fn bootstrap_credential(
         other => {
             // Symmetric key or TPM attestation: no client certificate in TLS.
             out.push(match other {
-                Attestation::SymmetricKey {
-                    key_file,
-                    enrollment,
-                } => match read_key_file(key_file) {
-                    Ok(_) => Finding::ok(
-                        "bootstrap",
-                        format!(
-                            "symmetric key of the {} enrollment in {} (base64, mode 0600)",
-                            match enrollment {
-                                Enrollment::Individual => "individual",
-                                Enrollment::Group => "group",
-                            },
-                            key_file.display()
-                        ),
-                    ),
-                    Err(CredentialError::KeyFile { path, problem, fix }) => Finding::fail(
-                        "bootstrap",
-                        format!("[dps.attestation] key_file {}: {problem}", path.display()),
-                        fix,
-                    ),
-                    Err(e) => Finding::fail("bootstrap", e.to_string(), "see the message"),
-                },
+                Attestation::SymmetricKey { key, enrollment } => {
+                    symmetric_key(keys, key, *enrollment)
+                }
                 other => Finding::ok(
                     "bootstrap",
                     format!("attestation method {}", other.method()),
@@ -243,6 +224,50 @@ fn bootstrap_credential(
                 }
             }
         }
+    }
+}
+
+/// The symmetric key, read or found as provisioning would (a file: mode and
+/// base64; a token: the secret key exists and can make an HMAC).
+fn symmetric_key(keys: &Keys, key: &SymmetricKeySource, enrollment: Enrollment) -> Finding {
+    let kind = match enrollment {
+        Enrollment::Individual => "individual",
+        Enrollment::Group => "group",
+    };
+    match key {
+        SymmetricKeySource::File(path) => match read_key_file(path) {
+            Ok(_) => Finding::ok(
+                "bootstrap",
+                format!(
+                    "symmetric key of the {kind} enrollment in {} (base64, mode 0600)",
+                    path.display()
+                ),
+            ),
+            Err(CredentialError::KeyFile { path, problem, fix }) => Finding::fail(
+                "bootstrap",
+                format!("[dps.attestation] key_file {}: {problem}", path.display()),
+                fix,
+            ),
+            Err(e) => Finding::fail("bootstrap", e.to_string(), "see the message"),
+        },
+        SymmetricKeySource::Token(uri) => match keys
+            .pkcs11()
+            .open_secret(uri)
+            .and_then(|s| s.hmac_sha256(b"dps-agent check"))
+        {
+            Ok(_) => Finding::ok(
+                "bootstrap",
+                format!(
+                    "symmetric key of the {kind} enrollment in the PKCS#11 token ({}), HMAC-SHA256 works",
+                    uri.redacted()
+                ),
+            ),
+            Err(e) => Finding::fail(
+                "bootstrap",
+                format!("[dps.attestation] key_file {}: {e}", uri.redacted()),
+                "import the enrollment's key into the token as a secret key that may sign (CKK_GENERIC_SECRET, CKA_SIGN), or fix the URI",
+            ),
+        },
     }
 }
 

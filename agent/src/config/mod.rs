@@ -93,11 +93,30 @@ pub enum Attestation {
     /// A symmetric key (SAS tokens): the enrollment's key, or the enrollment
     /// group's key from which the device key is derived.
     SymmetricKey {
-        key_file: PathBuf,
+        key: SymmetricKeySource,
         enrollment: Enrollment,
     },
     /// The TPM's endorsement key (DPS over HTTPS only).
     Tpm,
+}
+
+/// Where the DPS symmetric key is (`[dps.attestation] key_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SymmetricKeySource {
+    /// A file (mode 0600) holding the key in base64.
+    File(PathBuf),
+    /// A secret key in a PKCS#11 token (`pkcs11:…;type=secret-key`), which
+    /// computes the HMACs; the key never leaves it.
+    Token(KeyUri),
+}
+
+impl fmt::Display for SymmetricKeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SymmetricKeySource::File(p) => write!(f, "{}", p.display()),
+            SymmetricKeySource::Token(uri) => f.write_str(&uri.redacted()),
+        }
+    }
 }
 
 /// The kind of DPS enrollment a symmetric key belongs to.

@@ -168,10 +168,43 @@ fn https_symmetric_key_and_tpm() {
     assert_eq!(
         c.dps.attestation,
         Attestation::SymmetricKey {
-            key_file: PathBuf::from("/etc/dps-agent/dps.key"),
+            key: SymmetricKeySource::File(PathBuf::from("/etc/dps-agent/dps.key")),
             enrollment: Enrollment::Individual
         }
     );
+    // A secret key in a PKCS#11 token, by URI; other object types are refused.
+    let token = "pkcs11:token=hsm;object=dps;type=secret-key";
+    let c = parse(&with_attestation(
+        "mqtt",
+        &format!("method = \"symmetric_key\"\nkey_file = \"{token}\""),
+    ))
+    .unwrap();
+    assert_eq!(
+        c.dps.attestation,
+        Attestation::SymmetricKey {
+            key: SymmetricKeySource::Token(KeyUri::parse(token).unwrap()),
+            enrollment: Enrollment::Individual
+        }
+    );
+    for uri in [
+        "pkcs11:token=hsm;object=dps",
+        "pkcs11:object=dps;type=private",
+    ] {
+        let e = err(&with_attestation(
+            "mqtt",
+            &format!("method = \"symmetric_key\"\nkey_file = \"{uri}\""),
+        ));
+        assert!(
+            e.contains("key_file")
+                && e.contains("does not name a secret key; add ;type=secret-key"),
+            "{e}"
+        );
+    }
+    let e = err(&with_attestation(
+        "mqtt",
+        "method = \"symmetric_key\"\nkey_file = \"pkcs11:object=dps;type=secret-key;pin-value=1234\"",
+    ));
+    assert!(!e.contains("1234"), "{e}");
     let c = parse(&with_attestation(
         "mqtt",
         "method = \"symmetric_key\"\nkey_file = \"/k\"\nenrollment = \"group\"",

@@ -384,13 +384,40 @@ fn attestation(
             let key_file = a.key_file.ok_or_else(|| {
                 cx.missing(
                     "dps.attestation.key_file",
-                    "point it at a file (mode 0600) holding the enrollment's primary key in base64, e.g. \"/etc/dps-agent/bootstrap/dps.key\"",
+                    "point it at a file (mode 0600) holding the enrollment's primary key in base64, e.g. \"/etc/dps-agent/bootstrap/dps.key\", or name a secret key in a PKCS#11 token, \"pkcs11:token=…;object=…;type=secret-key\"",
                 )
             })?;
-            Ok(Attestation::SymmetricKey {
-                key_file: cx.path("dps.attestation.key_file", key_file)?,
-                enrollment,
-            })
+            let key = if key_file.starts_with("pkcs11:") {
+                SymmetricKeySource::Token(KeyUri::parse(&key_file).map_err(|e| {
+                    let reason = match e {
+                        crate::keys::KeyError::BadUri { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    cx.err(
+                        "dps.attestation.key_file",
+                        Some(format!("{:?}", redacted(&key_file))),
+                        "is not a key URI",
+                        reason,
+                    )
+                })?)
+            } else {
+                SymmetricKeySource::File(cx.path("dps.attestation.key_file", key_file)?)
+            };
+            if let SymmetricKeySource::Token(uri) = &key {
+                use crate::keys::pkcs11::{ObjectType, Pkcs11Uri};
+                let kind = Pkcs11Uri::parse(uri.as_str())
+                    .ok()
+                    .and_then(|u| u.object_type());
+                if kind != Some(ObjectType::SecretKey) {
+                    return Err(cx.err(
+                        "dps.attestation.key_file",
+                        Some(format!("{:?}", uri.redacted())),
+                        "does not name a secret key",
+                        "add ;type=secret-key (the enrollment's key, imported into the token as a CKK_GENERIC_SECRET that may sign)",
+                    ));
+                }
+            };
+            Ok(Attestation::SymmetricKey { key, enrollment })
         }
         other => Err(cx.bad(
             "dps.attestation.method",

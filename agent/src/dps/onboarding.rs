@@ -6,8 +6,9 @@
 //! its challenge (TPM).
 //!
 //! The symmetric key is read from `key_file` (mode 0600 or stricter) and never
-//! shown; the TPM work runs on the TPM backend's worker thread, reached
-//! through `spawn_blocking` so the async runtime is not stalled.
+//! shown, or stays in a PKCS#11 token that computes the HMACs (an individual
+//! key signs each token there; a group key derives the device key there). The
+//! TPM and token work runs off the async runtime, through `spawn_blocking`.
 
 use std::fmt;
 use std::io::Read as _;
@@ -21,7 +22,8 @@ use zeroize::Zeroizing;
 use super::sas::{SasToken, SymmetricKey, TokenScope};
 use super::wire::{self, TpmKeys};
 use super::{DpsError, Method};
-use crate::config::{Attestation, DpsConfig, Enrollment};
+use crate::config::{Attestation, DpsConfig, Enrollment, SymmetricKeySource};
+use crate::keys::pkcs11::Pkcs11Secret;
 use crate::keys::tpm::{TpmError, TpmKeyStore, AUTH_KEY_HANDLE};
 use crate::keys::{KeyError, Keys};
 use crate::tls::{self, TlsError};
@@ -37,6 +39,8 @@ pub enum CredentialError {
     },
     #[error("TPM attestation failed: {0}")]
     Tpm(#[source] KeyError),
+    #[error("the symmetric key in the PKCS#11 token cannot be used: {0}")]
+    Token(#[source] KeyError),
     #[error("the TLS configuration for DPS cannot be built: {0}")]
     Tls(#[from] TlsError),
     #[error(
@@ -52,6 +56,8 @@ enum Credential {
         key: SymmetricKey,
         group: bool,
     },
+    /// An individual enrollment's key in a PKCS#11 token: it signs each token.
+    SasInToken(Arc<Pkcs11Secret>),
     Tpm {
         store: Arc<TpmKeyStore>,
         ek: Vec<u8>,
@@ -90,18 +96,38 @@ impl Onboarding {
         let tls = tls::client_config(&cfg.trust_bundle, None).map_err(CredentialError::from)?;
         let credential = match &cfg.attestation {
             Attestation::X509 { .. } => return Err(CredentialError::NotForX509.into()),
-            Attestation::SymmetricKey {
-                key_file,
-                enrollment,
-            } => {
-                let key = read_key_file(key_file)?;
+            Attestation::SymmetricKey { key, enrollment } => {
                 let group = *enrollment == Enrollment::Group;
-                let key = if group {
-                    key.derive_device_key(&cfg.registration_id)
-                } else {
-                    key
-                };
-                Credential::Sas { key, group }
+                match key {
+                    SymmetricKeySource::File(path) => {
+                        let key = read_key_file(path)?;
+                        let key = if group {
+                            key.derive_device_key(&cfg.registration_id)
+                        } else {
+                            key
+                        };
+                        Credential::Sas { key, group }
+                    }
+                    SymmetricKeySource::Token(uri) => {
+                        let secret = keys
+                            .pkcs11()
+                            .open_secret(uri)
+                            .map_err(CredentialError::Token)?;
+                        if group {
+                            // The device key is HMAC(group key, registration id):
+                            // made by the token; only the derived key is in memory.
+                            let derived = secret
+                                .hmac_sha256(cfg.registration_id.as_bytes())
+                                .map_err(CredentialError::Token)?;
+                            Credential::Sas {
+                                key: SymmetricKey::from_bytes(derived),
+                                group,
+                            }
+                        } else {
+                            Credential::SasInToken(Arc::new(secret))
+                        }
+                    }
+                }
             }
             Attestation::Tpm => {
                 let tpm = |e| CredentialError::Tpm(e);
@@ -119,6 +145,7 @@ impl Onboarding {
         match &self.credential {
             Credential::X509 => Method::X509,
             Credential::Sas { group, .. } => Method::SymmetricKey { group: *group },
+            Credential::SasInToken(_) => Method::SymmetricKey { group: false },
             Credential::Tpm { .. } => Method::Tpm,
         }
     }
@@ -166,6 +193,19 @@ impl Authorizer<'_> {
         match self.credential {
             Credential::X509 => Ok(None),
             Credential::Sas { key, .. } => Ok(Some(scope.sign_with(key))),
+            Credential::SasInToken(secret) => {
+                let secret = secret.clone();
+                let data = scope.string_to_sign().into_bytes();
+                let signature = tokio::task::spawn_blocking(move || secret.hmac_sha256(&data))
+                    .await
+                    .map_err(|e| KeyError::Sign {
+                        uri: "the symmetric key".into(),
+                        reason: format!("the token did not answer: {e}"),
+                    })
+                    .and_then(|r| r)
+                    .map_err(CredentialError::Token)?;
+                Ok(Some(scope.token(&signature)))
+            }
             Credential::Tpm { .. } if !self.activated => Ok(None),
             Credential::Tpm { store, .. } => {
                 let store = store.clone();

@@ -60,6 +60,11 @@ impl SymmetricKey {
         Ok(SymmetricKey(bytes))
     }
 
+    /// A key from its bytes (a device key a PKCS#11 token derived).
+    pub fn from_bytes(bytes: Vec<u8>) -> SymmetricKey {
+        SymmetricKey(Zeroizing::new(bytes))
+    }
+
     /// The device key of `registration_id` in the enrollment group whose key
     /// this is: HMAC-SHA256(group key, UTF-8 registration id). (Its base64 form
     /// is what the portal's "derive a device key" gives.)

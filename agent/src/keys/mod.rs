@@ -530,6 +530,11 @@ impl Keys {
         &self.settings
     }
 
+    /// The PKCS#11 tokens (for a DPS symmetric key kept in one).
+    pub fn pkcs11(&self) -> &pkcs11::Pkcs11Stores {
+        &self.pkcs11
+    }
+
     /// The TPM store itself (for DPS TPM attestation), connecting on first use.
     pub fn tpm(&self) -> Result<Arc<tpm::TpmKeyStore>, KeyError> {
         self.tpm.get()

@@ -5,7 +5,8 @@
 //! with no transient object or session left in the TPM. Then the refusals: a
 //! wrong key, an expired token (the simulator's clock runs ahead, as for a
 //! device whose clock is behind), a key file others can read, a TPM whose EK is
-//! not enrolled, and TPM over MQTT at config check.
+//! not enrolled, and TPM over MQTT at config check. Also the symmetric key kept
+//! in a PKCS#11 token (SoftHSM2), which computes the HMACs.
 
 use std::fs;
 use std::io::Read as _;
@@ -15,6 +16,7 @@ use std::process::{Command, Output};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use dps_agent_e2e::softhsm::SoftHsm;
 use dps_agent_e2e::swtpm::{Swtpm, TSS2_LOG};
 use dps_agent_e2e::*;
 use serde_json::Value;
@@ -275,6 +277,91 @@ fn https_symmetric_key_individual() {
 #[test]
 fn https_symmetric_key_group() {
     provisions(Transport::Https, Method::Group);
+}
+
+/// The enrollment's key imported into a PKCS#11 token (SoftHSM2) as a secret
+/// key that may only sign, and `key_file` naming it by URI: the token makes
+/// the HMACs (individual: every SAS token; group: the device key), DPS accepts
+/// the tokens, and `check` finds the key and has it sign.
+#[test]
+fn a_symmetric_key_in_a_pkcs11_token_signs_the_sas_tokens() {
+    for (transport, method, enrollment) in [
+        (Transport::Https, Method::Individual, "individual"),
+        (Transport::Mqtt, Method::Group, "group:fleet-a"),
+    ] {
+        let name = format!("sas-in-token-{}-{method:?}", transport.name()).to_lowercase();
+        let c = case(&name, transport, method, &[]);
+        let hsm = SoftHsm::new(&c.d.join("hsm"), "dps-sas");
+        let key_path = c.d.join("dps.key");
+        let key = fs::read_to_string(&key_path).unwrap();
+        let o = run(Command::new(bin("p11-import-secret"))
+            .arg(&hsm.module)
+            .arg(&hsm.label)
+            .arg(&hsm.pin_file)
+            .arg("dps-enrollment")
+            .arg("0a01")
+            .arg(&key_path)
+            .env(hsm.env().0, hsm.env().1));
+        assert!(o.status.success(), "{}", text(&o));
+        // The token holds the only copy.
+        fs::remove_file(&key_path).unwrap();
+        let uri = "pkcs11:token=dps-sas;object=dps-enrollment;type=secret-key";
+        let config = fs::read_to_string(&c.cfg).unwrap().replace(
+            &format!("key_file = \"{}\"", key_path.display()),
+            &format!("key_file = \"{uri}\""),
+        );
+        assert!(config.contains(uri), "{config}");
+        fs::write(&c.cfg, format!("{config}\n{}", hsm.config_toml())).unwrap();
+
+        let o = hsm.agent(&c.cfg, &["run", "--once"], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("provisioned as device gw-0001"),
+            "{}",
+            text(&o)
+        );
+        check_stored_chain(
+            &c.d,
+            &c.sim.pki.file("issuing-root.pem"),
+            &c.setup.state_dir,
+            true,
+        );
+        let events = c.sim.events();
+        let requests = of_kind(&events, "request");
+        assert!(!requests.is_empty());
+        let authenticated: Vec<&Value> = match transport {
+            Transport::Https => requests,
+            Transport::Mqtt => of_kind(&events, "connect"),
+        };
+        for e in authenticated {
+            assert_eq!(e["auth"], "sas", "{e}");
+            assert_eq!(e["enrollment"], enrollment, "{e}");
+        }
+        let all = fs::read_to_string(&c.sim.events).unwrap();
+        assert!(!all.contains(key.trim()) && !text(&o).contains(key.trim()));
+
+        let o = hsm.agent(&c.cfg, &["check"], &[]);
+        let ok = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("OK") && l.contains("bootstrap"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("{}", text(&o)));
+        assert!(ok.contains("in the PKCS#11 token"), "{ok}");
+
+        // A URI that names no secret key is refused at config check.
+        let wrong = fs::read_to_string(&c.cfg)
+            .unwrap()
+            .replace(";type=secret-key", ";type=private");
+        fs::write(&c.cfg, wrong).unwrap();
+        let o = hsm.agent(&c.cfg, &["check-config"], &[]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o).contains("does not name a secret key"),
+            "{}",
+            text(&o)
+        );
+        assert!(text(&o).contains("type=secret-key"), "{}", text(&o));
+    }
 }
 
 /// Points the agent's key file at another key than the enrollment's.

@@ -23,6 +23,7 @@ mod template;
 mod token;
 pub mod uri;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -90,6 +91,32 @@ impl Pkcs11Stores {
     /// `[pkcs11] module`; the token is the one the URI names (token, serial,
     /// …) or, if it names none, the one in `[pkcs11]`.
     pub fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
+        let (store, parsed) = self.store_of(uri)?;
+        store.open_parsed(uri, &parsed)
+    }
+
+    /// Opens a secret key by URI (`type=secret-key`, found as for
+    /// [`Pkcs11Stores::open`]): a DPS symmetric key kept in the token, which
+    /// computes the HMACs itself.
+    pub fn open_secret(&self, uri: &KeyUri) -> Result<Pkcs11Secret, KeyError> {
+        let (store, parsed) = self.store_of(uri)?;
+        store.check_token(uri, &parsed)?;
+        let secret = Pkcs11Secret {
+            locator: Locator::of_kind(uri, &parsed, Want::Secret)?,
+            store,
+            uri: uri.clone(),
+        };
+        secret
+            .store
+            .token
+            .with_session::<_, KeyError>("find a secret key", |s, _| secret.find(s).map(drop))?;
+        Ok(secret)
+    }
+
+    /// The store of the token a URI names, and the parsed URI. The module is
+    /// the URI's `module-path` or `[pkcs11] module`; the token is the one the
+    /// URI names or, if it names none, the one in `[pkcs11]`.
+    fn store_of(&self, uri: &KeyUri) -> Result<(Arc<Pkcs11KeyStore>, Pkcs11Uri), KeyError> {
         let parsed = parse_key_uri(uri)?;
         let module = parsed
             .query_text(&QueryAttr::ModulePath)
@@ -102,7 +129,7 @@ impl Pkcs11Stores {
             self.config_filter()
         };
         let store = self.store_for(&module, filter, Some(&parsed))?;
-        store.open_parsed(uri, &parsed)
+        Ok((store, parsed))
     }
 
     /// Makes an onboarding key labelled `label` in the `[pkcs11]` token
@@ -216,6 +243,16 @@ pub struct Pkcs11KeyStore {
     serial_in_uris: bool,
 }
 
+/// The kind of object a URI must name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Private,
+    /// A private key, or what is left of one (its public half).
+    PrivateOrPublic,
+    /// A secret key (`type=secret-key`).
+    Secret,
+}
+
 /// How a URI names a private key: its label, its id, or both.
 struct Locator {
     label: Option<String>,
@@ -226,6 +263,19 @@ impl Locator {
     /// The object a URI names; refuses URIs that name none, name another
     /// kind of object, or carry path attributes we do not understand.
     fn of(uri: &KeyUri, p: &Pkcs11Uri, allow_public: bool) -> Result<Locator, KeyError> {
+        Locator::of_kind(
+            uri,
+            p,
+            if allow_public {
+                Want::PrivateOrPublic
+            } else {
+                Want::Private
+            },
+        )
+    }
+
+    /// The object a URI names, which must be of the kind `want` says.
+    fn of_kind(uri: &KeyUri, p: &Pkcs11Uri, want: Want) -> Result<Locator, KeyError> {
         let bad = |reason: String| -> KeyError {
             Pkcs11Error::BadKey {
                 uri: uri.redacted(),
@@ -240,10 +290,20 @@ impl Locator {
                 unknown.join(", ")
             )));
         }
-        match p.object_type() {
-            None | Some(ObjectType::Private) => {}
-            Some(ObjectType::Public) if allow_public => {}
-            Some(other) => {
+        match (want, p.object_type()) {
+            (Want::Private | Want::PrivateOrPublic, None | Some(ObjectType::Private)) => {}
+            (Want::PrivateOrPublic, Some(ObjectType::Public)) => {}
+            (Want::Secret, Some(ObjectType::SecretKey)) => {}
+            (Want::Secret, other) => {
+                return Err(bad(format!(
+                    "{} names no secret key; a symmetric key's URI has type=secret-key",
+                    other.map_or("a URI without type=".to_string(), |t| format!(
+                        "type={}",
+                        t.name()
+                    ))
+                )))
+            }
+            (_, Some(other)) => {
                 return Err(bad(format!(
                     "type={} names no private key; a key URI has type=private (or no type)",
                     other.name()
@@ -688,6 +748,66 @@ impl KeyStore for Pkcs11KeyStore {
             .collect::<Result<Vec<_>, _>>()?;
         uris.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         Ok(uris)
+    }
+}
+
+/// A secret key in a token that makes HMAC-SHA256 signatures (a DPS
+/// symmetric key). The key never leaves the token.
+pub struct Pkcs11Secret {
+    store: Arc<Pkcs11KeyStore>,
+    uri: KeyUri,
+    locator: Locator,
+}
+
+impl fmt::Debug for Pkcs11Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pkcs11Secret({})", self.uri.redacted())
+    }
+}
+
+impl Pkcs11Secret {
+    pub fn uri(&self) -> &KeyUri {
+        &self.uri
+    }
+
+    /// HMAC-SHA256 of `data`, computed by the token (CKM_SHA256_HMAC).
+    pub fn hmac_sha256(&self, data: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let token = &self.store.token;
+        token.with_session::<_, KeyError>("compute an HMAC", |s, _| {
+            let h = self.find(s)?;
+            Ok(s.sign(&Mechanism::Sha256Hmac, h, data)
+                .map_err(token.call("compute an HMAC-SHA256 with a secret key"))?)
+        })
+    }
+
+    /// The one secret key the URI names.
+    fn find(&self, s: &Session) -> Result<ObjectHandle, KeyError> {
+        let token = &self.store.token;
+        let found = s
+            .find_objects(&template::find(
+                ObjectClass::SECRET_KEY,
+                self.locator.label.as_deref(),
+                self.locator.id.as_deref(),
+            ))
+            .map_err(token.call("search the token"))?;
+        match found.as_slice() {
+            [] => Err(KeyError::NotFound {
+                uri: self.uri.redacted(),
+                hint: format!(
+                    " in token {} (module {}); list its secret keys with: pkcs11-tool --module {} --token-label {:?} --login --list-objects --type secrkey",
+                    token.name(),
+                    token.module().path().display(),
+                    token.module().path().display(),
+                    token.summary().label
+                ),
+            }),
+            [one] => Ok(*one),
+            many => Err(Pkcs11Error::AmbiguousKey {
+                uri: self.uri.redacted(),
+                count: many.len(),
+            }
+            .into()),
+        }
     }
 }
 
