@@ -57,6 +57,7 @@ test: build lint venv
 
 clean:
 	$(CARGO) clean
+	rm -rf "$${TMPDIR:-/tmp}/dps-agent-e2e"
 
 # `make soak`: the crash test of the renewal suite, longer and with the keys in swtpm.
 # Every kill is followed by a restart that must come back with a working identity

@@ -49,20 +49,57 @@ pub fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
-/// A scratch directory for one test, under `target/e2e/`. Left in place after
-/// the run (for post-mortems); `make clean` removes it.
+/// Where test directories go. Some suites run processes as other users
+/// (dps-agent, nobody) that must read their files and reach their sockets, so
+/// the directory must be reachable by others: `target/e2e/` when every
+/// directory above it lets others through, else `$TMPDIR/dps-agent-e2e/`
+/// (a checkout under `/root`, mode 0700 on Debian, or in a `mktemp -d`
+/// directory). `DPS_AGENT_E2E_DIR` overrides both.
+pub fn e2e_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let target = workspace_root().join("target");
+        let root = match std::env::var_os("DPS_AGENT_E2E_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None if reachable_by_others(&target) => target.join("e2e"),
+            None => std::env::temp_dir().join("dps-agent-e2e"),
+        };
+        fs::create_dir_all(&root).expect("create the e2e directory");
+        open_to_others(&root);
+        root
+    })
+    .clone()
+}
+
+/// Whether every directory from `/` down to `dir` lets other users through.
+fn reachable_by_others(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    dir.ancestors().all(|a| {
+        fs::metadata(a)
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(false)
+    })
+}
+
+/// Mode 0755 whatever the umask (others must read what the tests leave there).
+fn open_to_others(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", dir.display()));
+}
+
+/// A scratch directory for one test, under [`e2e_root`] (normally
+/// `target/e2e/`). Left in place after the run (for post-mortems); `make
+/// clean` removes it.
 pub struct TestDir {
     pub path: PathBuf,
 }
 
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
-        let path = workspace_root().join("target").join("e2e").join(format!(
-            "{name}-{}-{:08x}",
-            std::process::id(),
-            rand_u32()
-        ));
+        let path = e2e_root().join(format!("{name}-{}-{:08x}", std::process::id(), rand_u32()));
         fs::create_dir_all(&path).expect("create test dir");
+        open_to_others(&path);
         TestDir { path }
     }
 
