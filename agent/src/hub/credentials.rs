@@ -137,6 +137,9 @@ pub fn parse_certificates(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
             certs.extend(found);
         } else {
             let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+            if compact.is_empty() {
+                return Err(format!("certificate {i} of the answer is empty"));
+            }
             certs.push(
                 STANDARD
                     .decode(compact)
@@ -256,6 +259,7 @@ mod tests {
             (b"[]", "holds no certificate"),
             (b"[1]", "certificate 0 of the answer is not a string"),
             (b"[\"%%%\"]", "certificate 0 of the answer is not base64"),
+            (b"[\" \"]", "certificate 0 of the answer is empty"),
             (b"\"x\"", "neither an object nor an array"),
         ] {
             let e = parse_certificates(body).unwrap_err();

@@ -10,7 +10,7 @@
 //!                               idle daemon RSS and CPU time over SECS per key backend
 //!   dps-bench all               all of them (provision 20, size, idle 60 for each backend, dbus 5000)
 //! Each run sets up its own simulator, private bus, swtpm or SoftHSM2 under
-//! target/e2e/, as the test suites do. `make bench` runs `all` with release binaries
+//! target/e2e/ (see e2e_root), as the test suites do. `make bench` runs `all` with release binaries
 //! (DPS_AGENT_BIN, DPS_SIM_BIN).
 
 use std::fs;
