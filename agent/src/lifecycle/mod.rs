@@ -1,8 +1,9 @@
 //! The agent's lifecycle: getting an operational identity and keeping it. Owns
 //! the state machine (`Unprovisioned → Provisioning → Provisioned → Renewing →
 //! Provisioned`, plus `Failed` with a retry time), the rotation flow (pending
-//! key → CSR → DPS → chain checks → commit → old key deleted), crash recovery,
-//! and every decision about errors the layers below return.
+//! key → CSR → DPS, or IoT Hub's certificate API with `renewal_path = "hub"` →
+//! chain checks → hub gate → commit → old key deleted), crash recovery, and
+//! every decision about errors the layers below return.
 //!
 //! Crash safety rests on one rule: `identity.json` is the commit point, and a
 //! key is deleted only when the committed identity does not use it. A restart
