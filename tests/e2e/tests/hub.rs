@@ -339,22 +339,15 @@ fn renewal_through_the_hub_certificate_api_falls_back_to_dps() {
 
 /// The identity's leaf holds the public key of its key file.
 fn leaf_matches_file_key(id: &Value) {
-    let key = id["key_uri"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("file:")
-        .unwrap();
-    let pem = id["chain_pem"].as_str().unwrap();
-    let leaf = &pem[..pem.find("-----END CERTIFICATE-----").unwrap() + 25];
-    let dir = Path::new(key).parent().unwrap();
-    let leaf_file = dir.join("../leaf-check.pem");
+    let key = Path::new(
+        id["key_uri"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("file:")
+            .unwrap(),
+    );
+    let leaf = split_pem(id["chain_pem"].as_str().unwrap()).remove(0);
+    let leaf_file = key.parent().unwrap().join("../leaf-check.pem");
     fs::write(&leaf_file, leaf).unwrap();
-    let from_cert = run(std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-pubkey", "-in"])
-        .arg(&leaf_file));
-    let from_key = run(std::process::Command::new("openssl")
-        .args(["pkey", "-pubout", "-in"])
-        .arg(key));
-    assert!(from_cert.status.success() && from_key.status.success());
-    assert_eq!(from_cert.stdout, from_key.stdout);
+    assert_eq!(cert_pubkey(&leaf_file), key_pubkey(key));
 }
