@@ -235,20 +235,27 @@ fn local_apps_read_the_identity_and_only_admins_renew() {
     daemon.wait_for("the renewal", Duration::from_secs(30), |d| {
         d.status()["renewals"].as_u64().unwrap_or(0) > renewals
     });
+    // Signals arrive in any order: wait for the renewal signal and the
+    // property changes checked below (or 10 s).
     let t0 = std::time::Instant::now();
-    while !seen
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|(m, _)| m == "CertificateRenewed")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no CertificateRenewed: {:?}",
-            seen.lock().unwrap()
-        );
+    let all_seen = |seen: &[(String, String)]| {
+        seen.iter().any(|(m, _)| m == "CertificateRenewed")
+            && ["State", "NotAfter", "Thumbprint"].iter().all(|p| {
+                seen.iter()
+                    .any(|(m, k)| m == "PropertiesChanged" && k.contains(p))
+            })
+    };
+    while !all_seen(&seen.lock().unwrap()) && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(m, _)| m == "CertificateRenewed"),
+        "no CertificateRenewed: {:?}",
+        seen.lock().unwrap()
+    );
     let seen = seen.lock().unwrap().clone();
     let s = daemon.status();
     let renewed = seen
