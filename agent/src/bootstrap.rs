@@ -224,7 +224,7 @@ pub fn check_config(config: &Config, keys: &Keys, now: UnixTime) -> Vec<Finding>
         config.operational.max_clock_skew.as_secs(),
     );
     if let Err(e) = &key {
-        findings.push(key_finding(identity_key.as_str(), e));
+        findings.push(key_finding(identity_key, e));
         findings.sort_by_key(|f| Check::ALL.iter().position(|c| *c == f.check));
     }
     findings
@@ -399,7 +399,8 @@ fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, Finding> {
 
 /// The finding for a key that cannot be opened. File-backend reasons read
 /// "problem; fix"; the fix is split off so that it stands on its own line.
-fn key_finding(uri: &str, e: &KeyError) -> Finding {
+/// `uri` is shown through its `Display`, which redacts a `pin-value`.
+fn key_finding(uri: &KeyUri, e: &KeyError) -> Finding {
     match e {
         KeyError::Format { path, reason } => {
             let (problem, fix) = reason.split_once("; ").unwrap_or((
@@ -745,7 +746,7 @@ mod tests {
         .unwrap();
         let uri = KeyUri::file(&p);
         let e = FileKeyStore::new(&dir).open(&uri).err().unwrap();
-        let f = key_finding(uri.as_str(), &e);
+        let f = key_finding(&uri, &e);
         assert_eq!(f.check, Check::Key);
         assert_eq!(
             f.problem,
@@ -763,9 +764,20 @@ mod tests {
             .open(&KeyUri::file(&dir.join("nope.key")))
             .err()
             .unwrap();
-        assert!(key_finding("file:/x", &e)
+        assert!(key_finding(&KeyUri::parse("file:/x").unwrap(), &e)
             .fix
             .contains("the guide's device.key"));
+        // Defect 5 of issue 15: an absent token printed the PIN.
+        let uri =
+            KeyUri::parse("pkcs11:token=absent;object=device;type=private?pin-value=s3cret-1234")
+                .unwrap();
+        let e = KeyError::Sign {
+            uri: uri.to_string(),
+            reason: "no slot holds token absent".into(),
+        };
+        let shown = key_finding(&uri, &e).to_string();
+        assert!(!shown.contains("s3cret-1234"), "{shown}");
+        assert!(shown.contains("pin-value=REDACTED"), "{shown}");
         let _ = KeyAlgorithm::ALL;
         std::fs::remove_dir_all(&dir).unwrap();
     }

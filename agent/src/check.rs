@@ -359,9 +359,16 @@ fn identity(config: &Config, keys: &Keys, clock: &dyn Clock, out: &mut Vec<Findi
         .filter(|s| s.thumbprint == id.thumbprint)
         .map(|s| s.renew_at_ms.div_euclid(1000))
         .unwrap_or_else(|| {
-            schedule::window(id.not_before, id.not_after, &policy)
-                .0
-                .div_euclid(1000)
+            schedule::schedule(
+                &id.thumbprint,
+                id.not_before,
+                id.not_after,
+                id.issued_at,
+                &policy,
+                |_| 0,
+            )
+            .renew_at_ms
+            .div_euclid(1000)
         });
     let left = id.not_after - now;
     let detail = format!(

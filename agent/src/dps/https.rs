@@ -247,7 +247,7 @@ fn raw_reply(status: u16, headers: &HeaderMap, body: Vec<u8>) -> RawReply {
     };
     RawReply {
         status,
-        retry_after: text("retry-after").and_then(|v| v.parse().ok()),
+        retry_after: text("retry-after").and_then(wire::retry_after_secs),
         error_code: text("x-ms-error-code").map(|v| wire::clip(v, 100)),
         body,
     }

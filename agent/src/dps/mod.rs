@@ -252,7 +252,10 @@ pub async fn register(
         config::Transport::Https => Connection::Https(https::HttpsTransport::new(cfg, tls, method)),
     };
     let mut auth = onboarding.authorizer(cfg);
-    let deadline = Instant::now() + cfg.attempt_timeout;
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(cfg.attempt_timeout)
+        .unwrap_or(now + Duration::from_secs(24 * 3600));
     let attempt = Attempt {
         endpoint: cfg.endpoint.to_string(),
         method,
@@ -359,10 +362,18 @@ async fn run_attempt(
                 }
                 Ok(Reply::Disabled) => return Err(DpsError::Disabled),
                 Ok(Reply::Error(e)) if e.status == 429 || e.status >= 500 => {
+                    // A registration is retried no sooner than the backoff
+                    // allows, whatever retry-after says (0 would spin: the
+                    // poll limit covers polls only).
+                    let floor = if operation.is_none() {
+                        backoff.next_delay()
+                    } else {
+                        Duration::ZERO
+                    };
                     let wait = e
                         .retry_after
                         .map(Duration::from_secs)
-                        .unwrap_or_else(|| backoff.next_delay());
+                        .map_or_else(|| backoff.next_delay(), |ra| ra.max(floor));
                     log::info!("DPS: {e}; retrying in {}s", wait.as_secs_f32());
                     (wait, Some(DpsError::Service(e)))
                 }
@@ -389,7 +400,10 @@ async fn run_attempt(
             }
             Err(e) => return Err(e),
         };
-        if Instant::now() + wait > deadline {
+        if Instant::now()
+            .checked_add(wait)
+            .is_none_or(|wake| wake > deadline)
+        {
             // Do not sleep past the deadline: hand the problem (and DPS's
             // retry-after) to the caller, who schedules the next attempt.
             return Err(match problem {

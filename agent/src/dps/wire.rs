@@ -72,6 +72,48 @@ pub fn poll_topic(rid: u64, operation_id: &str) -> String {
     )
 }
 
+/// The longest wait a server may ask for; longer asks are clamped to it (a
+/// retry a day later is still a retry, and no clock arithmetic can overflow).
+pub const MAX_RETRY_AFTER_SECS: u64 = 24 * 60 * 60;
+
+/// A retry-after as DPS sends it in a topic property or a header: whole or
+/// fractional seconds (rounded up), clamped to [`MAX_RETRY_AFTER_SECS`].
+/// Negative, non-numeric and non-finite values are ignored (None): the caller
+/// then uses its own backoff.
+pub fn retry_after_secs(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        // All digits: too long for a u64 is simply "very long".
+        return Some(
+            t.parse::<u64>()
+                .map_or(MAX_RETRY_AFTER_SECS, |n| n.min(MAX_RETRY_AFTER_SECS)),
+        );
+    }
+    let f: f64 = t.parse().ok()?;
+    clamp_seconds(f)
+}
+
+/// [`retry_after_secs`] for a JSON value (`retryAfter` in an error body):
+/// a number or a numeric string.
+pub fn retry_after_json(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => match n.as_u64() {
+            Some(u) => Some(u.min(MAX_RETRY_AFTER_SECS)),
+            None => clamp_seconds(n.as_f64()?),
+        },
+        Value::String(s) => retry_after_secs(s),
+        _ => None,
+    }
+}
+
+fn clamp_seconds(f: f64) -> Option<u64> {
+    if !f.is_finite() || f < 0.0 {
+        return None;
+    }
+    // `as` saturates; the clamp keeps it within a day.
+    Some((f.ceil() as u64).min(MAX_RETRY_AFTER_SECS))
+}
+
 /// A reply topic, `$dps/registrations/res/{status}/?$rid=…[&retry-after=…]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseTopic {
@@ -100,7 +142,7 @@ pub fn parse_response_topic(topic: &str) -> Option<ResponseTopic> {
         let v = url_decode(v);
         match k.as_str() {
             "$rid" => out.rid = Some(v),
-            "retry-after" => out.retry_after = v.trim().parse().ok(),
+            "retry-after" => out.retry_after = retry_after_secs(&v),
             _ => {}
         }
     }
@@ -310,7 +352,7 @@ pub fn parse_error_body(status: u16, retry_after: Option<u64>, body: &[u8]) -> S
             .and_then(Value::as_str)
             .map(|s| clip(s, 80));
         if e.retry_after.is_none() {
-            e.retry_after = m.get("retryAfter").and_then(Value::as_u64);
+            e.retry_after = m.get("retryAfter").and_then(retry_after_json);
         }
     } else if !body.is_empty() {
         e.message = Some(clip(&String::from_utf8_lossy(body), 200));
@@ -405,6 +447,83 @@ pub fn url_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every form of retry-after a server may send, extremes included.
+    #[test]
+    fn retry_after_values_are_clamped_or_ignored_never_trusted() {
+        let max = MAX_RETRY_AFTER_SECS;
+        let cases: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            (" 7 ", Some(7)),
+            ("2.5", Some(3)),
+            ("86400", Some(max)),
+            ("86401", Some(max)),
+            ("18446744073709551615", Some(max)),
+            ("18446744073709551616", Some(max)),
+            ("1000000000000000000000000000000", Some(max)),
+            ("1e30", Some(max)),
+            ("-1", None),
+            ("-18446744073709551615", None),
+            ("-0.5", None),
+            ("abc", None),
+            ("", None),
+            ("NaN", None),
+            ("inf", None),
+            ("Wed, 21 Oct 2026 07:28:00 GMT", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(retry_after_secs(text), *want, "{text:?}");
+            let topic = format!("$dps/registrations/res/429/?$rid=1&retry-after={text}");
+            if !text.contains([' ', '&']) {
+                let t = parse_response_topic(&topic).unwrap();
+                assert_eq!(t.retry_after, *want, "{topic}");
+            }
+        }
+        let json: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            ("-5", None),
+            ("2.01", Some(3)),
+            ("18446744073709551615", Some(max)),
+            ("1e30", Some(max)),
+            ("-1e30", None),
+            ("\"30\"", Some(30)),
+            ("\"x\"", None),
+            ("null", None),
+            ("[1]", None),
+        ];
+        for (v, want) in json {
+            let body = format!("{{\"errorCode\": 429001, \"retryAfter\": {v}}}");
+            let e = parse_error_body(429, None, body.as_bytes());
+            assert_eq!(e.retry_after, *want, "{body}");
+        }
+    }
+
+    /// `operationExpires` is not used: no value of it changes or breaks a reply.
+    #[test]
+    fn operation_expires_of_any_value_is_ignored() {
+        for v in [
+            "\"2026-12-04T13:00:00Z\"",
+            "0",
+            "-1",
+            "18446744073709551615",
+            "1e30",
+            "\"not a date\"",
+            "null",
+        ] {
+            let body = format!(
+                "{{\"operationId\": \"op\", \"status\": \"assigning\", \"operationExpires\": {v}}}"
+            );
+            let r = parse_reply(202, None, body.as_bytes());
+            assert_eq!(
+                r,
+                Ok(Reply::Assigning {
+                    operation_id: "op".into(),
+                    retry_after: None
+                }),
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn topic_properties_in_any_order() {

@@ -6,9 +6,16 @@
 //! every decision about errors the layers below return.
 //!
 //! Crash safety rests on one rule: `identity.json` is the commit point, and a
-//! key is deleted only when the committed identity does not use it. A restart
-//! after a crash at any instant therefore keeps the committed identity and
-//! removes whatever an interrupted renewal left behind.
+//! key is deleted only when the committed identity does not use it (and, after
+//! a commit whose directory sync failed, only once the next start has settled
+//! which identity survived). A restart after a crash at any instant therefore
+//! keeps the committed identity and removes whatever an interrupted renewal
+//! left behind. Past the commit point nothing is undone: a failure to write a
+//! derived file or the lifecycle record is logged and repaired later.
+//!
+//! The identity in use and the lifecycle record live in memory and are saved
+//! to the store; a failed save never loses a backoff (it stays in memory) and
+//! never hides the identity loaded at start.
 
 pub mod daemon;
 pub mod schedule;
@@ -138,6 +145,8 @@ pub struct Agent {
     clock: Arc<dyn Clock>,
     policy: Policy,
     record: Mutex<LifecycleState>,
+    /// The committed identity, as loaded at open or committed since.
+    current: Mutex<Option<Identity>>,
     status: watch::Sender<Status>,
 }
 
@@ -153,10 +162,11 @@ impl Agent {
         let backends = Keys::new(KeySettings::from_config(&config));
         let keys = backends.store(config.operational.key_backend)?;
         let record = LifecycleState::load(store.dir())?;
+        let identity = store.load_identity()?;
         let policy = Policy::from_config(&config.operational);
         let (status, _) = watch::channel(Status::build(
             &config.dps.registration_id,
-            None,
+            identity.as_ref(),
             &record,
             &store.chain_path(),
             clock.now(),
@@ -169,6 +179,7 @@ impl Agent {
             clock,
             policy,
             record: Mutex::new(record),
+            current: Mutex::new(identity),
             status,
         };
         agent.recover()?;
@@ -192,19 +203,42 @@ impl Agent {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies `f` to the record, saves it and publishes the new status.
+    /// The committed identity (none before the first provisioning).
+    fn current(&self) -> Option<Identity> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The committed identity if it belongs to the configured registration id.
+    fn current_for_registration(&self) -> Option<Identity> {
+        self.current()
+            .filter(|id| id.registration_id == self.config.dps.registration_id)
+    }
+
+    /// Applies `f` to the record in memory, publishes the new status, then
+    /// saves it. A failed save is returned; the change holds in memory all the
+    /// same (so a backoff is kept even when the disk refuses it).
     fn update(&self, f: impl FnOnce(&mut LifecycleState)) -> Result<(), StateError> {
         let mut r = self.record();
         f(&mut r);
-        r.save(self.store.dir())?;
         let snapshot = r.clone();
         drop(r);
         self.publish(&snapshot);
-        Ok(())
+        snapshot.save(self.store.dir())
+    }
+
+    /// [`Agent::update`] for changes that need not stop what follows when
+    /// they cannot be saved: the failure is logged (at priority err) instead.
+    fn update_or_log(&self, what: &str, f: impl FnOnce(&mut LifecycleState)) {
+        if let Err(e) = self.update(f) {
+            log::error!("cannot save the lifecycle record ({what}): {e}; it holds in memory until a save succeeds");
+        }
     }
 
     fn publish(&self, record: &LifecycleState) {
-        let identity = self.store.load_identity().ok().flatten();
+        let identity = self.current();
         let mut status = Status::build(
             &self.config.dps.registration_id,
             identity.as_ref(),
@@ -220,7 +254,7 @@ impl Agent {
     /// and every operational key it does not use is deleted (the pending key
     /// of a rolled-back renewal, or the old key of a committed one).
     fn recover(&self) -> Result<(), ProvisionError> {
-        let identity = self.store.load_identity()?;
+        let identity = self.current();
         let pending = self.record().pending.clone();
         if let Some(p) = &pending {
             let committed = identity
@@ -237,12 +271,13 @@ impl Agent {
             );
         }
         if let Some(id) = &identity {
-            // A crash between the commit and the export leaves an old export.
-            self.store.export_chain(id)?;
+            // A crash (or a failed write) between the commit and the export
+            // leaves an old export; the identity is in use all the same.
+            self.export_or_log(id);
         }
         self.delete_unused_keys(identity.as_ref().map(|id| &id.key_uri));
         let has_identity = identity.is_some();
-        self.update(|r| {
+        self.update_or_log("after recovery", |r| {
             r.pending = None;
             if matches!(
                 r.phase,
@@ -254,14 +289,23 @@ impl Agent {
                     Phase::Unprovisioned
                 };
             }
-        })?;
+        });
         Ok(())
+    }
+
+    /// Rewrites `operational-chain.pem` from the identity if it differs,
+    /// logging (not returning) a failure: the export is derived, and the
+    /// identity stays the current one whatever happens to it.
+    fn export_or_log(&self, id: &Identity) {
+        if let Err(e) = self.store.export_chain(id) {
+            log::error!("{e}; local apps read an outdated chain until it can be rewritten");
+        }
     }
 
     /// The stored identity if it can be used now: it exists, belongs to the
     /// configured registration id, is within its validity and its key opens.
     pub fn usable_identity(&self) -> Result<Option<Identity>, ProvisionError> {
-        let Some(id) = self.store.load_identity()? else {
+        let Some(id) = self.current() else {
             return Ok(None);
         };
         if id.registration_id != self.config.dps.registration_id {
@@ -279,7 +323,7 @@ impl Agent {
             log::warn!("the stored identity's key cannot be used ({e}); provisioning again");
             return Ok(None);
         }
-        self.store.export_chain(&id)?;
+        self.export_or_log(&id);
         Ok(Some(id))
     }
 
@@ -288,16 +332,18 @@ impl Agent {
     pub fn next_step(&self) -> Result<NextStep, ProvisionError> {
         let now_ms = self.clock.now_ms();
         let retry_at = self.record().next_attempt_ms.filter(|&t| t > now_ms);
-        let identity = match self.store.load_identity()? {
-            Some(id) if id.registration_id == self.config.dps.registration_id => id,
-            _ => {
+        let identity = match self.current_for_registration() {
+            Some(id) => id,
+            None => {
                 return Ok(match retry_at {
                     Some(t) => NextStep::WaitUntil(t),
                     None => NextStep::Attempt(Reason::NoIdentity),
                 })
             }
         };
-        let renew_at = self.ensure_schedule(&identity)?;
+        let earliest = schedule::earliest_renewal(identity.issued_at, identity.not_after);
+        // A schedule saved by an older version may lie before the floor.
+        let renew_at = self.ensure_schedule(&identity).max(earliest);
         if let Some(t) = retry_at {
             return Ok(NextStep::WaitUntil(t));
         }
@@ -310,6 +356,7 @@ impl Agent {
                 identity.not_before,
                 identity.not_after,
                 renew_at,
+                earliest,
                 &self.policy,
             ) {
                 Some(why) => NextStep::Attempt(Reason::Due(why)),
@@ -319,22 +366,23 @@ impl Agent {
     }
 
     /// The renewal time of `identity`, drawing and saving it the first time.
-    fn ensure_schedule(&self, identity: &Identity) -> Result<i64, StateError> {
+    fn ensure_schedule(&self, identity: &Identity) -> i64 {
         if let Some(s) = self.record().schedule.as_ref() {
             if s.thumbprint == identity.thumbprint {
-                return Ok(s.renew_at_ms);
+                return s.renew_at_ms;
             }
         }
         let s = schedule::schedule(
             &identity.thumbprint,
             identity.not_before,
             identity.not_after,
+            identity.issued_at,
             &self.policy,
             schedule::random_jitter,
         );
         let at = s.renew_at_ms;
-        self.update(|r| r.schedule = Some(s))?;
-        Ok(at)
+        self.update_or_log("the renewal schedule", |r| r.schedule = Some(s));
+        at
     }
 
     /// One provisioning or renewal attempt. On success the new identity is
@@ -366,14 +414,15 @@ impl Agent {
                 None => "no identity is in use".into(),
             }
         );
-        self.update(|r| r.phase = phase)?;
-        match self.rotate(current.as_ref()).await {
-            Ok(identity) => Ok(identity),
-            Err(e) => {
-                self.record_failure(&e, current.is_some());
-                Err(e)
-            }
+        // Every failure, saving the phase included, is recorded and backs off.
+        let result = match self.update(|r| r.phase = phase) {
+            Ok(()) => self.rotate(current.as_ref()).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = &result {
+            self.record_failure(e, current.is_some());
         }
+        result
     }
 
     fn record_failure(&self, e: &ProvisionError, has_identity: bool) {
@@ -386,7 +435,7 @@ impl Agent {
             &self.policy,
             schedule::random_between,
         );
-        let next = now_ms + delay.as_millis() as i64;
+        let next = now_ms.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
         let shown = self.status.borrow().clone();
         crate::logging::event(
             if has_identity {
@@ -419,15 +468,13 @@ impl Agent {
             ),
         );
         let message = e.to_string();
-        if let Err(se) = self.update(|r| {
+        self.update_or_log("the failure", |r| {
             r.phase = Phase::Failed;
             r.failures = failures;
             r.last_error = Some(message);
             r.next_attempt_ms = Some(next);
             r.pending = None;
-        }) {
-            log::error!("cannot record the failure: {se}");
-        }
+        });
     }
 
     /// The rotation flow: a key (fresh unless `rotate_key = false`), a CSR,
@@ -447,11 +494,17 @@ impl Agent {
         };
         let result = self.obtain_and_commit(&key_uri, current).await;
         if result.is_err() && Some(&key_uri) != current.map(|c| &c.key_uri) {
-            if let Err(de) = self.keys.delete(&key_uri) {
-                log::warn!("could not delete the unused key {key_uri}: {de}");
-            }
+            self.delete_uncommitted_key(&key_uri);
         }
         result
+    }
+
+    /// Deletes the key of an attempt that did not commit (already gone is fine).
+    fn delete_uncommitted_key(&self, uri: &KeyUri) {
+        match self.keys.delete(uri) {
+            Ok(()) | Err(KeyError::NotFound { .. }) => {}
+            Err(e) => log::warn!("could not delete the unused key {uri}: {e}"),
+        }
     }
 
     async fn obtain_and_commit(
@@ -662,14 +715,25 @@ impl Agent {
             &verified.thumbprint,
             verified.not_before,
             verified.not_after,
+            now,
             &self.policy,
             schedule::random_jitter,
         );
+        if schedule::floor_binds(verified.not_before, verified.not_after, now, &self.policy) {
+            log::warn!(
+                "the CA issued a certificate with only {}s of validity left (notBefore {}, notAfter {}), less than the renewal window needs; renewing no sooner than {} so that short certificates cannot cause a renewal storm",
+                verified.not_after.saturating_sub(now).max(0),
+                rfc3339(verified.not_before),
+                rfc3339(verified.not_after),
+                rfc3339(schedule.renew_at_ms.div_euclid(1000))
+            );
+        }
         self.prove_at_hub(&assignment, &verified, key.clone(), &schedule, now, current)
             .await?;
 
         // The commit: nothing below awaits, so a stop request cannot split it.
         let final_uri = self.keys.commit(key_uri)?;
+        let reused = current.is_some_and(|c| c.key_uri == final_uri);
         let identity = Identity {
             version: Identity::VERSION,
             registration_id: cfg.dps.registration_id.clone(),
@@ -684,12 +748,32 @@ impl Agent {
             issuer: verified.issuer.clone(),
             chain_pem: verified.to_pem(),
         };
-        self.store.commit_identity(&identity)?;
-        // Old keys go before the new state is announced, so whoever sees
-        // "provisioned" sees one key.
-        self.delete_unused_keys(Some(&identity.key_uri));
+        let commit = match self.store.commit_identity(&identity) {
+            Ok(c) => c,
+            Err(e) => {
+                // Not committed: the old identity is whole and in use. The
+                // key was relabelled by `keys.commit` (PKCS#11), so the
+                // caller's delete of the pending name would miss it.
+                if &identity.key_uri != key_uri && !reused {
+                    self.delete_uncommitted_key(&identity.key_uri);
+                }
+                return Err(e.into());
+            }
+        };
+        // Past the point of no return: from here on nothing fails the attempt.
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.clone());
+        for problem in &commit.problems {
+            log::error!("the new identity is committed, but {problem}; it is repaired at the next start or renewal");
+        }
+        if commit.durable {
+            // Old keys go before the new state is announced, so whoever sees
+            // "provisioned" sees one key.
+            self.delete_unused_keys(Some(&identity.key_uri));
+        } else {
+            log::warn!("keeping the previous identity's key until the next start: the commit may not survive a power cut");
+        }
         let (renew_at, jitter_ms) = (schedule.renew_at_ms, schedule.jitter_ms);
-        self.update(|r| {
+        self.update_or_log("after the commit", |r| {
             r.phase = Phase::Provisioned;
             r.pending = None;
             r.failures = 0;
@@ -698,7 +782,7 @@ impl Agent {
             r.last_renewal = Some(now);
             r.renewals += 1;
             r.schedule = Some(schedule);
-        })?;
+        });
         crate::logging::event(
             if current.is_some() {
                 crate::logging::Event::Renewed
@@ -747,13 +831,8 @@ impl Agent {
             }
             return Ok(certs);
         }
-        let stored = self
-            .store
-            .load_identity()
-            .ok()
-            .flatten()
-            .filter(|id| id.registration_id == self.config.dps.registration_id);
-        Ok(stored
+        Ok(self
+            .current_for_registration()
             .and_then(|id| chain::certs_from_pem(&id.chain_pem).ok())
             .and_then(|mut certs| certs.pop())
             .into_iter()
@@ -876,9 +955,7 @@ impl Agent {
     /// Forgets the failure record so the next step is an immediate attempt
     /// (a renewal requested by an admin).
     pub fn clear_backoff(&self) {
-        if let Err(e) = self.update(|r| r.next_attempt_ms = None) {
-            log::warn!("cannot update the lifecycle record: {e}");
-        }
+        self.update_or_log("a renewal request", |r| r.next_attempt_ms = None);
     }
 }
 

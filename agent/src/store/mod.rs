@@ -4,12 +4,18 @@
 //! for local apps, rewritten from `identity.json` whenever the two differ.
 //! The previous identity is kept as `identity.prev.json` until a new one replaces it.
 //! `lifecycle.json` (see [`lifecycle`]) holds the renewal schedule and failure record.
+//!
+//! One process at a time writes the directory: [`Store::open`] takes an
+//! exclusive `flock` on its `lock` file and a second writer is refused at once,
+//! with the holder's pid.
 
 pub mod lifecycle;
 
 use std::fs;
-use std::io;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +26,8 @@ use crate::keys::KeyUri;
 pub const IDENTITY_FILE: &str = "identity.json";
 pub const PREVIOUS_IDENTITY_FILE: &str = "identity.prev.json";
 pub const CHAIN_FILE: &str = "operational-chain.pem";
+/// Locked by the one process that writes the state directory; holds its pid.
+pub const LOCK_FILE: &str = "lock";
 const FORMAT_VERSION: u32 = 1;
 
 /// A provisioned identity.
@@ -65,30 +73,86 @@ pub enum StoreError {
     },
     #[error("{}: is damaged ({reason}); move it away to provision again", path.display())]
     Damaged { path: PathBuf, reason: String },
+    #[error("state directory {} is in use by {}; only one dps-agent process may change it: `dps-agent renew` asks the running daemon to renew, `dps-agent status` shows its state", dir.display(), holder.map_or("another process".to_string(), |p| format!("process {p}")))]
+    Busy { dir: PathBuf, holder: Option<u32> },
+}
+
+/// What [`Store::commit_identity`] achieved. Past the rename of
+/// `identity.json` nothing is undone: the new identity is the current one.
+#[derive(Debug)]
+pub struct Commit {
+    /// False when the directory could not be synced after the rename: a power
+    /// cut may still bring the previous identity back, so neither identity's
+    /// key may be deleted until the next start settles it.
+    pub durable: bool,
+    /// Failures after the rename (the directory sync, the chain export); the
+    /// caller logs them; the next open or commit repairs them.
+    pub problems: Vec<StoreError>,
+}
+
+/// The exclusive lock on a state directory, released when the last clone of
+/// the [`Store`] holding it is dropped (or the process dies).
+#[derive(Debug)]
+struct DirLock {
+    _file: fs::File,
+}
+
+impl DirLock {
+    fn take(dir: &Path) -> Result<DirLock, StoreError> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = fsutil::open_lock_file(&path, 0o644).map_err(io_err(&path, "open"))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(StoreError::Busy {
+                    dir: dir.to_path_buf(),
+                    holder: text.trim().parse().ok(),
+                });
+            }
+            return Err(io_err(&path, "lock")(e));
+        }
+        // The pid is for the message of a refused second writer only.
+        let _ = file
+            .set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| writeln!(file, "{}", std::process::id()));
+        Ok(DirLock { _file: file })
+    }
 }
 
 /// The state directory.
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// Held by a writer ([`Store::open`]); None for a reader.
+    _lock: Option<Arc<DirLock>>,
 }
 
 impl Store {
-    /// Opens (and creates, mode 0700) the state directory and removes temporary
-    /// files an interrupted write left behind.
+    /// Opens (and creates, mode 0700) the state directory for writing: takes
+    /// its lock (refusing at once with [`StoreError::Busy`] while another
+    /// process holds it), then removes temporary files an interrupted write
+    /// left behind.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fsutil::ensure_dir(dir, 0o700).map_err(io_err(dir, "create it"))?;
+        let lock = DirLock::take(dir)?;
         fsutil::clean_temp_files(dir).map_err(io_err(dir, "clean temporary files"))?;
         Ok(Store {
             dir: dir.to_path_buf(),
+            _lock: Some(Arc::new(lock)),
         })
     }
 
     /// Opens the directory read-only: for `status` and `check`, which must not
-    /// create or change anything.
+    /// create or change anything (and so take no lock).
     pub fn open_read_only(dir: &Path) -> Store {
         Store {
             dir: dir.to_path_buf(),
+            _lock: None,
         }
     }
 
@@ -115,8 +179,11 @@ impl Store {
     }
 
     /// Makes `identity` the current one, atomically, keeping the old one as the
-    /// previous identity, then exports the chain.
-    pub fn commit_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+    /// previous identity, then exports the chain. The rename of
+    /// `identity.json` is the commit point: `Err` means it did not happen (the
+    /// old identity is still the current one, whole); `Ok` means it did,
+    /// whatever failed after it (see [`Commit`]).
+    pub fn commit_identity(&self, identity: &Identity) -> Result<Commit, StoreError> {
         let path = self.identity_path();
         if let Ok(old) = fs::read(&path) {
             let prev = self.dir.join(PREVIOUS_IDENTITY_FILE);
@@ -126,8 +193,21 @@ impl Store {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        fsutil::atomic_write(&path, &json, 0o644).map_err(io_err(&path, "write"))?;
-        self.export_chain(identity)
+        let mut commit = Commit {
+            durable: true,
+            problems: Vec::new(),
+        };
+        match fsutil::atomic_replace(&path, &json, 0o644).map_err(io_err(&path, "write"))? {
+            fsutil::WriteOutcome::Durable => {}
+            fsutil::WriteOutcome::Visible(e) => {
+                commit.durable = false;
+                commit.problems.push(io_err(&self.dir, "sync")(e));
+            }
+        }
+        if let Err(e) = self.export_chain(identity) {
+            commit.problems.push(e);
+        }
+        Ok(commit)
     }
 
     /// Rewrites `operational-chain.pem` if it differs from the identity's chain.
@@ -190,8 +270,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("store-{}", rand::random::<u64>()));
         let s = Store::open(&dir).unwrap();
         assert!(s.load_identity().unwrap().is_none());
-        s.commit_identity(&identity(1)).unwrap();
-        s.commit_identity(&identity(2)).unwrap();
+        assert!(s.commit_identity(&identity(1)).unwrap().durable);
+        let c = s.commit_identity(&identity(2)).unwrap();
+        assert!(c.durable && c.problems.is_empty(), "{c:?}");
         assert_eq!(s.load_identity().unwrap(), Some(identity(2)));
         assert_eq!(s.load_previous_identity().unwrap(), Some(identity(1)));
         assert_eq!(fs::read_to_string(s.chain_path()).unwrap(), "chain 2\n");
@@ -202,6 +283,48 @@ mod tests {
             e.contains("is damaged") && e.contains("move it away"),
             "{e}"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_at_once_with_the_holders_pid() {
+        let dir = std::env::temp_dir().join(format!("store-lock-{}", rand::random::<u64>()));
+        let first = Store::open(&dir).unwrap();
+        let e = Store::open(&dir).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, StoreError::Busy { holder: Some(p), .. } if p == std::process::id()),
+            "{text}"
+        );
+        assert!(text.contains("dps-agent renew"), "{text}");
+        // Readers take no lock.
+        let reader = Store::open_read_only(&dir);
+        assert!(reader.load_identity().unwrap().is_none());
+        // A clone shares the lock; the last one dropped releases it.
+        let clone = first.clone();
+        drop(first);
+        assert!(Store::open(&dir).is_err());
+        drop(clone);
+        let again = Store::open(&dir).unwrap();
+        drop(again);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The export failing after the rename (here: a directory where the chain
+    /// file should be) does not undo the commit.
+    #[test]
+    fn a_failed_export_after_the_rename_still_commits() {
+        let dir = std::env::temp_dir().join(format!("store-export-{}", rand::random::<u64>()));
+        let s = Store::open(&dir).unwrap();
+        s.commit_identity(&identity(1)).unwrap();
+        fs::remove_file(s.chain_path()).unwrap();
+        fs::create_dir(s.chain_path()).unwrap();
+        let c = s.commit_identity(&identity(2)).unwrap();
+        assert!(c.durable, "{c:?}");
+        assert_eq!(c.problems.len(), 1, "{c:?}");
+        assert!(c.problems[0].to_string().contains(CHAIN_FILE), "{c:?}");
+        assert_eq!(s.load_identity().unwrap(), Some(identity(2)));
+        fs::remove_dir(s.chain_path()).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 }
