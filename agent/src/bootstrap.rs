@@ -20,7 +20,7 @@ use x509_cert::Certificate;
 use crate::chain::{self, ChainError, Expectations};
 use crate::clock::UnixTime;
 use crate::config::{self, Attestation, Config};
-use crate::keys::{Key, KeyError, Keys};
+use crate::keys::{Key, KeyError, KeyUri, Keys};
 use crate::tls::ClientIdentity;
 
 /// What is checked about the bootstrap credential, in the order reported.
@@ -454,7 +454,7 @@ fn spki_summary(spki: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::keys::file::FileKeyStore;
-    use crate::keys::{KeyAlgorithm, KeyStore, KeyUri};
+    use crate::keys::{KeyAlgorithm, KeyStore};
     use rcgen::{
         BasicConstraints as Bc, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,

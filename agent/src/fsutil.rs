@@ -287,15 +287,11 @@ pub mod fault {
         }
         s.seen.push((op, path.to_path_buf()));
         let n = s.seen.len() as u64;
-        let verdict = match s.plan {
+        match s.plan {
             Plan::FailAt(k) if n == k => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
-            Plan::CutAfter(k) if n > k => Err(io::Error::new(
-                io::ErrorKind::Other,
-                "power cut (injected by a test)",
-            )),
+            Plan::CutAfter(k) if n > k => Err(io::Error::other("power cut (injected by a test)")),
             _ => Ok(()),
-        };
-        verdict
+        }
     }
 }
 

@@ -49,9 +49,12 @@ pub async fn authorize(
             "is not root, and group {ADMIN_GROUP} does not exist on this system"
         )));
     };
-    let groups = match creds.unix_group_ids() {
-        Some(g) => g.clone(),
-        None => pid.map(process_groups).unwrap_or_default(),
+    // Only the bus's word counts: /proc/PID/status could belong to another
+    // process by now (pid reuse), and ProtectProc=invisible hides it.
+    let Some(groups) = creds.unix_group_ids() else {
+        return Err(deny(
+            "is not root, and the bus did not say which groups it is in (dbus-daemon 1.13+ and dbus-broker do)",
+        ));
     };
     if groups.contains(&admin_gid) {
         Ok(format!("{who}, group {ADMIN_GROUP}"))
@@ -80,43 +83,9 @@ pub fn group_id(name: &str) -> Option<u32> {
     (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
 }
 
-/// The effective and supplementary groups of a process, from /proc.
-fn process_groups(pid: u32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    parse_groups(&status)
-}
-
-fn parse_groups(status: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for line in status.lines() {
-        if let Some(rest) = line.strip_prefix("Groups:") {
-            out.extend(
-                rest.split_whitespace()
-                    .filter_map(|g| g.parse::<u32>().ok()),
-            );
-        } else if let Some(rest) = line.strip_prefix("Gid:") {
-            // real, effective, saved, filesystem: the effective one counts
-            if let Some(egid) = rest.split_whitespace().nth(1).and_then(|g| g.parse().ok()) {
-                out.push(egid);
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn groups_from_proc_status() {
-        let s = "Name:\tbusctl\nUid:\t65534\t65534\t65534\t65534\nGid:\t65534\t1001\t65534\t65534\nGroups:\t27 1002 \n";
-        let mut g = parse_groups(s);
-        g.sort();
-        assert_eq!(g, vec![27, 1001, 1002]);
-    }
 
     #[test]
     fn group_lookup() {

@@ -96,7 +96,11 @@ fn check_expiry(agent: &Agent, reported: &mut Option<String>) -> Option<Duration
         *reported = Some(thumbprint.to_string());
         let record = agent.record().clone();
         agent.publish(&record);
-        let next = record.next_attempt_ms.unwrap_or(now_ms).max(now_ms);
+        // The time the loop will act on: a retry, or the schedule's floor.
+        let next = match agent.next_step() {
+            Ok(NextStep::WaitUntil(at_ms)) => at_ms.max(now_ms),
+            _ => now_ms,
+        };
         crate::logging::event(
             crate::logging::Event::IdentityExpired,
             &crate::logging::Fields {

@@ -23,7 +23,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// First retry delay after a transient failure (or `retry_max` if smaller).
 const FIRST_RETRY: Duration = Duration::from_secs(10);
 /// The least time between receiving a certificate and the renewal it causes.
-pub const MIN_RENEWAL_INTERVAL_MS: i64 = 60_000;
+pub const MIN_RENEWAL_INTERVAL_MS: i64 = 10_000;
 
 /// The renewal and retry policy, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ pub fn window(start: i64, not_after: i64, p: &Policy) -> (i64, i64) {
 }
 
 /// The earliest time (ms) a certificate that arrived at `issued_at` may be
-/// renewed: half the validity it had left, and at least a minute.
+/// renewed: half the validity it had left, and at least 10 s.
 pub fn earliest_renewal(issued_at: i64, not_after: i64) -> i64 {
     let left_ms = not_after
         .saturating_sub(issued_at)
@@ -354,12 +354,16 @@ mod tests {
         let p = policy();
         let now = 1_000_000;
         let (nb, na) = (now - 60, now + 30);
-        assert!(floor_binds(nb, na, now, &p));
         for draw in [0, i64::MAX] {
             let s = schedule("T", nb, na, now, &p, |_| draw);
-            assert_eq!(s.renew_at_ms, (now + 60) * 1000, "{s:?}");
+            // A third of the 30 s left before expiry, less up to 1.5 s of
+            // jitter; not at once, and not before the floor (half of it).
+            assert!(
+                ((now + 18) * 1000 + 500..=(now + 20) * 1000).contains(&s.renew_at_ms),
+                "{s:?}"
+            );
             let earliest = earliest_renewal(now, na);
-            for t in [now, now + 29, now + 30, now + 59] {
+            for t in [now, now + 1, now + 14] {
                 assert_eq!(
                     due(t * 1000, nb, na, s.renew_at_ms, earliest, &p),
                     None,
@@ -367,10 +371,28 @@ mod tests {
                 );
             }
             assert_eq!(
-                due((now + 60) * 1000, nb, na, s.renew_at_ms, earliest, &p),
+                due(s.renew_at_ms, nb, na, s.renew_at_ms, earliest, &p),
+                Some(Due::Scheduled)
+            );
+            assert_eq!(
+                due((now + 30) * 1000, nb, na, s.renew_at_ms, earliest, &p),
                 Some(Due::Expired)
             );
         }
+        // Already expired on arrival: nothing before the 10 s minimum.
+        let (nb, na) = (now - 60, now - 1);
+        assert!(floor_binds(nb, na, now, &p));
+        let s = schedule("T", nb, na, now, &p, |_| 0);
+        assert_eq!(s.renew_at_ms, now * 1000 + MIN_RENEWAL_INTERVAL_MS);
+        let earliest = earliest_renewal(now, na);
+        assert_eq!(
+            due((now + 9) * 1000, nb, na, s.renew_at_ms, earliest, &p),
+            None
+        );
+        assert_eq!(
+            due((now + 10) * 1000, nb, na, s.renew_at_ms, earliest, &p),
+            Some(Due::Expired)
+        );
         // 30-day certificate backdated by 29 days: one day left; renewal a
         // third of it before expiry (not at once), and the floor is half a day.
         let (nb, na) = (now - 29 * D, now + D);

@@ -16,6 +16,7 @@
 
 mod event;
 
+use std::fmt;
 use std::io::{IsTerminal, Write};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -82,16 +83,35 @@ pub fn syslog_priority(level: Level) -> u8 {
     }
 }
 
+/// A message as one line: control characters (a newline in a CN or an
+/// operation id a server sent) are shown escaped, so no value can forge a
+/// second log line or a priority prefix.
+fn one_line(message: &fmt::Arguments<'_>) -> String {
+    let text = message.to_string();
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// One stderr line for a record.
 fn stderr_line(record: &Record, terminal: bool) -> String {
+    let message = one_line(record.args());
     if terminal {
         format!(
-            "dps-agent: {}: {}\n",
+            "dps-agent: {}: {message}\n",
             record.level().as_str().to_lowercase(),
-            record.args()
         )
     } else {
-        format!("<{}>{}\n", syslog_priority(record.level()), record.args())
+        format!("<{}>{message}\n", syslog_priority(record.level()))
     }
 }
 
@@ -113,7 +133,18 @@ impl Log for Logger {
         if let Some(journal) = &self.journal {
             // A journald restart makes a send fail for a moment: the line
             // goes to stderr then (which systemd also collects).
-            if journal.journal_send(record).is_ok() {
+            let message = one_line(record.args());
+            let sent = journal.journal_send(
+                &Record::builder()
+                    .metadata(record.metadata().clone())
+                    .args(format_args!("{message}"))
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .key_values(record.key_values())
+                    .build(),
+            );
+            if sent.is_ok() {
                 return;
             }
         }
@@ -207,6 +238,24 @@ mod tests {
         assert_eq!(syslog_priority(Level::Info), 6);
         assert_eq!(syslog_priority(Level::Error), 3);
         assert_eq!(syslog_priority(Level::Trace), 7);
+    }
+
+    #[test]
+    fn a_value_with_a_newline_cannot_forge_a_second_line() {
+        let cn = "gw-0001\n<3>forged: the key was stolen\r";
+        let args = format_args!("renewed: device {cn}");
+        let record = Record::builder()
+            .level(Level::Info)
+            .target("dps_agent::x")
+            .args(args)
+            .build();
+        let line = stderr_line(&record, false);
+        assert_eq!(
+            line,
+            "<6>renewed: device gw-0001\\n<3>forged: the key was stolen\\r\n"
+        );
+        assert_eq!(line.lines().count(), 1);
+        assert_eq!(one_line(&format_args!("plain é ✓")), "plain é ✓");
     }
 
     #[test]

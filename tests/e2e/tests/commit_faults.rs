@@ -19,7 +19,7 @@ use std::path::Path;
 use dps_agent::chain::{certs_from_pem, spki_of};
 use dps_agent::config::Config;
 use dps_agent::fsutil::fault::{self, Plan};
-use dps_agent::keys::{Key as _, KeySettings, KeyStore as _, Keys, SignScheme};
+use dps_agent::keys::{KeySettings, Keys, SignScheme};
 use dps_agent::lifecycle::{Agent, Reason};
 use dps_agent::store::Store;
 use dps_agent_e2e::swtpm::Swtpm;
@@ -177,6 +177,7 @@ fn file_backend_every_effect_of_a_renewal_fails_and_is_cut_in_turn() {
         &pki,
         &SimOptions {
             polls_before_assign: Some(0),
+            retry_after: Some(0),
             ..Default::default()
         },
     );
@@ -196,6 +197,7 @@ fn tpm_backend_every_effect_of_a_renewal_fails_and_is_cut_in_turn() {
         &pki,
         &SimOptions {
             polls_before_assign: Some(0),
+            retry_after: Some(0),
             ..Default::default()
         },
     );

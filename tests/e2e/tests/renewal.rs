@@ -447,3 +447,84 @@ fn dps_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// Issue 15's second process: while the daemon is in the middle of a renewal
+/// (dps-sim keeps the operation `assigning` for a few seconds), `run --once`
+/// is refused at once with the daemon's pid and what to do instead, and
+/// `status`, `check` and `renew` leave the daemon's work alone. The renewal
+/// then commits an identity whose key exists and matches, and one key is left.
+#[test]
+fn a_second_process_during_a_renewal_is_refused_or_harmless() {
+    let d = TestDir::new("second-process");
+    let pki = Pki::generate(&d.join("pki"));
+    let sim = Sim::start(
+        &d.join("sim"),
+        &pki,
+        &SimOptions {
+            retry_after: Some(2),
+            polls_before_assign: Some(0),
+            ..Default::default()
+        },
+    );
+    let (cfg, state) = file_setup(&d, &sim, "");
+    let mut daemon = Daemon::start(&cfg, &state, &d.join("agent.log"));
+    daemon.wait_for("provisioned", Duration::from_secs(30), |d| {
+        d.status()["renewals"].as_u64().unwrap_or(0) >= 1
+    });
+    let first = identity(&state)["thumbprint"].clone();
+    let registers = |sim: &Sim| {
+        of_kind(&sim.events(), "request")
+            .iter()
+            .filter(|e| e["kind"] == "register")
+            .count()
+    };
+    let before = registers(&sim);
+
+    // Mid-renewal: the register has been sent, the operation is still assigning.
+    sim.set_faults(&["slow-assign"]);
+    daemon.hup();
+    let t0 = Instant::now();
+    while registers(&sim) == before {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no renewal began");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pending = key_files(&state);
+    assert_eq!(pending.len(), 2, "current and pending key: {pending:?}");
+
+    let once = agent(&cfg, &["run", "--once"]);
+    let said = text(&once);
+    assert!(!once.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("in use by process {}", daemon.pid())),
+        "names the holder: {said}"
+    );
+    assert!(said.contains("dps-agent renew"), "says what to do: {said}");
+    assert_eq!(key_files(&state), pending, "run --once touched the keys");
+
+    let status = agent(&cfg, &["status", "--json"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let check = agent(&cfg, &["check"]);
+    assert!(
+        !text(&check).contains("panicked"),
+        "check during a renewal: {}",
+        text(&check)
+    );
+    assert_eq!(key_files(&state), pending, "status/check touched the keys");
+    let renew = agent(&cfg, &["renew"]);
+    assert!(renew.status.success(), "{}", text(&renew));
+
+    daemon.wait_for("the renewal committed", Duration::from_secs(60), |d| {
+        d.status()["renewals"].as_u64().unwrap_or(0) >= 2
+    });
+    sim.set_faults(&[]);
+    // The `renew` reached the daemon either during the attempt (coalesced,
+    // and logged) or after it (one more renewal): wait for whichever it was.
+    daemon.wait_for("the renew request handled", Duration::from_secs(60), |d| {
+        d.log_text().contains("a renewal is already in progress")
+            || d.status()["renewals"].as_u64().unwrap_or(0) >= 3
+    });
+    daemon.stop();
+    assert_ne!(identity(&state)["thumbprint"], first, "a new identity");
+    leaf_matches_key(&state, &d.path).unwrap();
+    assert_eq!(key_files(&state).len(), 1, "{:?}", key_files(&state));
+}
