@@ -99,6 +99,14 @@ fn committed_leaf_matches_key(state: &Path, scratch: &Path, exported: bool) -> R
     Ok(())
 }
 
+/// How many registrations dps-sim has received.
+fn registers(sim: &Sim) -> usize {
+    of_kind(&sim.events(), "request")
+        .iter()
+        .filter(|e| e["kind"] == "register")
+        .count()
+}
+
 fn file_setup(d: &TestDir, sim: &Sim, extra: &str) -> (PathBuf, PathBuf) {
     let mut setup = AgentSetup::for_sim(&d.path, sim);
     setup.extra = extra.to_string();
@@ -391,12 +399,6 @@ fn large_retry_after_is_honoured_and_sigterm_is_prompt() {
         "next attempt in 7200 s as DPS asked: {s}"
     );
     assert_eq!(s["state"], "failed");
-    let registers = |sim: &Sim| {
-        of_kind(&sim.events(), "request")
-            .iter()
-            .filter(|e| e["kind"] == "register")
-            .count()
-    };
     let n = registers(&sim);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(registers(&sim), n, "no retry before retry-after");
@@ -472,12 +474,6 @@ fn a_second_process_during_a_renewal_is_refused_or_harmless() {
         d.status()["renewals"].as_u64().unwrap_or(0) >= 1
     });
     let first = identity(&state)["thumbprint"].clone();
-    let registers = |sim: &Sim| {
-        of_kind(&sim.events(), "request")
-            .iter()
-            .filter(|e| e["kind"] == "register")
-            .count()
-    };
     let before = registers(&sim);
 
     // Mid-renewal: the register has been sent, the operation is still assigning.
