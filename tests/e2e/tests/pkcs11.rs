@@ -73,7 +73,11 @@ fn onboard(name: &str) -> Gateway {
             && uri.ends_with(";type=private"),
         "{uri}"
     );
-    assert_eq!(uri_id(&uri).len(), 16, "a random 16-byte CKA_ID: {uri}");
+    let id = uri_id(&uri);
+    assert!(
+        id.len() == 26 && id.starts_with(b"dps-agent:"),
+        "a CKA_ID of the mark and 16 random bytes: {uri}"
+    );
 
     let csr = d.join("device.csr");
     let o = hsm.agent(

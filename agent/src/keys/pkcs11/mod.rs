@@ -3,9 +3,11 @@
 //! (`pkcs11:token=…;object=…;id=%…;type=private`).
 //!
 //! Key pairs are generated in the token (EC P-256/P-384, the private half
-//! sensitive and never extractable, see `template`), each with a random
-//! 16-byte CKA_ID and CKA_LABEL = its name. Operational keys carry the label
-//! `NAME.pending` until [`KeyStore::commit`] renames them to `NAME`. Signing is
+//! sensitive and never extractable, see `template`), each with CKA_LABEL = its
+//! name and a CKA_ID of the mark `dps-agent:` and 16 random bytes. Operational
+//! keys carry the label `NAME.pending` until [`KeyStore::commit`] renames them
+//! to `NAME`. Only keys with both the `op-` label and the mark are listed as
+//! ours (and so may be swept): a shared token's other keys are never touched. Signing is
 //! CKM_ECDSA over the caller's digest; the public key is read from the token's
 //! public-key object. RSA keys already in a token (secure elements often hold
 //! RSA-2048 onboarding keys) are opened too, never made: their public key comes
@@ -49,8 +51,10 @@ use token::{Module, Token, TokenError};
 pub const PENDING_SUFFIX: &str = ".pending";
 /// Labels of operational keys start with this (see `lifecycle`).
 const OPERATIONAL_PREFIX: &str = "op-";
-/// Length of the random CKA_ID given to each new key.
-const ID_LEN: usize = 16;
+/// The CKA_ID of every key dps-agent makes starts with this mark.
+const ID_MARK: &[u8] = b"dps-agent:";
+/// Number of random bytes after [`ID_MARK`] in a new key's CKA_ID.
+const ID_RANDOM_LEN: usize = 16;
 
 impl From<Pkcs11Error> for KeyError {
     fn from(e: Pkcs11Error) -> KeyError {
@@ -371,7 +375,8 @@ impl Pkcs11KeyStore {
                 hint: "; dps-agent makes ECDSA keys (an RSA key already in the token can be used for onboarding by its URI)".into(),
             });
         }
-        let id: [u8; ID_LEN] = rand::random();
+        let random: [u8; ID_RANDOM_LEN] = rand::random();
+        let id = [ID_MARK, &random].concat();
         let token = &self.token;
         token.with_session("make a key pair", |s, _| {
             let taken = s
@@ -736,7 +741,7 @@ impl KeyStore for Pkcs11KeyStore {
                 let mut out = Vec::new();
                 for h in all {
                     let (label, id) = self.label_and_id(s, h)?;
-                    if label.starts_with(OPERATIONAL_PREFIX) {
+                    if label.starts_with(OPERATIONAL_PREFIX) && id.starts_with(ID_MARK) {
                         out.push((label, id));
                     }
                 }

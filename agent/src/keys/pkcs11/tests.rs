@@ -210,7 +210,8 @@ fn generates_signs_commits_lists_and_deletes_keys() {
                 );
                 assert_eq!(parsed.object_type(), Some(ObjectType::Private));
                 let id = parsed.id().unwrap().to_vec();
-                assert_eq!(id.len(), ID_LEN);
+                assert_eq!(id.len(), ID_MARK.len() + ID_RANDOM_LEN);
+                assert!(id.starts_with(ID_MARK), "{id:?}");
 
                 // The key's policy, as the token reports it.
                 let private = attributes(
@@ -760,6 +761,36 @@ fn rsa_keys_made_by_pkcs11_tool_sign_pss_and_pkcs1() {
                 .generate_at("rsa-new", KeyAlgorithm::Rsa { bits: 2048 })
                 .unwrap_err();
             assert!(matches!(e, KeyError::Unsupported { .. }), "{e}");
+        },
+    );
+}
+
+/// In a shared token, another application's key labelled like ours but
+/// without dps-agent's CKA_ID mark is never listed, so never swept.
+#[test]
+fn a_foreign_key_with_an_operational_label_is_not_ours() {
+    in_softhsm(
+        test_name!(a_foreign_key_with_an_operational_label_is_not_ours),
+        |fx| {
+            pkcs11_tool(
+                fx,
+                &[
+                    "--keypairgen",
+                    "--key-type",
+                    "EC:prime256v1",
+                    "--label",
+                    "op-20260101T000000Z",
+                    "--id",
+                    "0102030405",
+                ],
+            );
+            let store = fx.stores().default_store().unwrap();
+            assert!(store.list().unwrap().is_empty(), "a foreign key was listed");
+            let ours = store
+                .commit(&store.generate("op-ours", KeyAlgorithm::EcdsaP256).unwrap())
+                .unwrap();
+            assert_eq!(store.list().unwrap(), vec![ours]);
+            assert_eq!(objects_with_id(&store, &[1, 2, 3, 4, 5]), (1, 1));
         },
     );
 }
