@@ -365,6 +365,22 @@ fn spki_der(cert: &Certificate) -> Option<Vec<u8>> {
         .ok()
 }
 
+/// A stored chain (leaf first) split into what a TLS handshake presents and
+/// its self-signed root, if it ends in one. A chain stored without its root
+/// keeps every certificate: the issuing CA is presented, never dropped.
+pub fn split_root(chain: &[Vec<u8>]) -> (&[Vec<u8>], Option<&Vec<u8>>) {
+    match chain.split_last() {
+        Some((last, rest))
+            if !rest.is_empty()
+                && Certificate::from_der(last)
+                    .is_ok_and(|c| is_self_issued(&c) && verify_signature(&c, &c).is_ok()) =>
+        {
+            (rest, Some(last))
+        }
+        _ => (chain, None),
+    }
+}
+
 fn is_self_issued(cert: &Certificate) -> bool {
     cert.tbs_certificate().subject() == cert.tbs_certificate().issuer()
 }
@@ -576,6 +592,22 @@ mod tests {
         // PEM round trip
         assert_eq!(certs_from_pem(&v.to_pem()).unwrap(), chain[..2].to_vec());
         let _ = &f.root.key;
+    }
+
+    #[test]
+    fn only_a_self_signed_last_certificate_is_split_off_as_the_root() {
+        let f = fixture();
+        let l = leaf(&f.ica, "gw-0001", &f.key, |_| {});
+        let full = vec![l.clone(), der(&f.ica.cert), der(&f.root.cert)];
+        assert_eq!(split_root(&full), (&full[..2], Some(&full[2])));
+        // Stored without its root: the issuing CA stays in what is presented.
+        assert_eq!(split_root(&full[..2]), (&full[..2], None));
+        // A lone certificate is presented even when self-signed; nothing at all stays nothing.
+        assert_eq!(split_root(&full[2..]), (&full[2..], None));
+        assert_eq!(split_root(&[]), (&[][..], None));
+        // Garbage last: kept, not taken for a root.
+        let junk = vec![l.clone(), vec![0x30, 0x00]];
+        assert_eq!(split_root(&junk), (&junk[..], None));
     }
 
     #[test]

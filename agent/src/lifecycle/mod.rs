@@ -566,13 +566,10 @@ impl Agent {
     fn current_hub_tls(&self, cur: &Identity) -> Result<Arc<rustls::ClientConfig>, ProvisionError> {
         let key = self.keys.open(&cur.key_uri)?;
         let chain = crate::chain::certs_from_pem(&cur.chain_pem).unwrap_or_default();
-        let presented: Vec<Vec<u8>> = match chain.len() {
-            0 | 1 => chain,
-            n => chain[..n - 1].to_vec(),
-        };
+        let (presented, _root) = crate::chain::split_root(&chain);
         Ok(tls::client_config(
             &self.config.dps.trust_bundle,
-            Some(hub::identity(presented, key)),
+            Some(hub::identity(presented.to_vec(), key)),
         )?)
     }
 
@@ -816,8 +813,10 @@ impl Agent {
     }
 
     /// The CAs a new chain must lead to ([`chain::check_anchored`]): `[operational]
-    /// issuer_trust`, else the root (last certificate) of the stored identity's chain, expired
-    /// or not. None before the first provisioning, which trusts what DPS issues.
+    /// issuer_trust`, else the top of the stored identity's chain, expired or not: its
+    /// self-signed root, or, for a chain stored without its root, the issuing CA itself
+    /// (stricter: a rotated issuing CA then needs `issuer_trust`). None before the first
+    /// provisioning, which trusts what DPS issues.
     fn issuer_anchors(&self) -> Result<Vec<Vec<u8>>, ChainError> {
         if let Some(path) = &self.config.operational.issuer_trust {
             let bad = |reason: String| ChainError::IssuerTrust {
