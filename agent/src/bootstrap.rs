@@ -494,7 +494,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let key_path = dir.join("device.key");
-        std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
+        crate::fsutil::atomic_write(&key_path, key_pair.serialize_pem().as_bytes(), 0o600).unwrap();
         let key = FileKeyStore::new(&dir)
             .open(&KeyUri::file(&key_path))
             .unwrap();
@@ -739,9 +739,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bootstrap-k-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("device.key");
-        std::fs::write(
+        crate::fsutil::atomic_write(
             &p,
-            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            0o600,
         )
         .unwrap();
         let uri = KeyUri::file(&p);

@@ -316,7 +316,7 @@ mod tests {
         });
         std::fs::create_dir_all(dir).unwrap();
         let path = dir.join("device.key");
-        std::fs::write(&path, pem).unwrap();
+        crate::fsutil::atomic_write(&path, pem.as_bytes(), 0o600).unwrap();
         FileKeyStore::new(dir)
             .open(&crate::keys::KeyUri::file(&path))
             .unwrap()

@@ -69,6 +69,21 @@ impl FileKeyStore {
     }
 }
 
+/// Reads a private key file, or gives its mode if group or others may read or
+/// write it (checked on the open file, so a swap of the path cannot slip by).
+fn read_private(path: &Path) -> std::io::Result<Result<Zeroizing<Vec<u8>>, u32>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut file = fs::File::open(path)?;
+    let mode = file.metadata()?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Ok(Err(mode));
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes)?;
+    Ok(Ok(bytes))
+}
+
 impl KeyStore for FileKeyStore {
     fn backend(&self) -> Backend {
         Backend::File
@@ -104,8 +119,8 @@ impl KeyStore for FileKeyStore {
 
     fn open(&self, uri: &KeyUri) -> Result<Arc<dyn Key>, KeyError> {
         let path = file_path(uri)?;
-        let bytes = match fs::read(&path) {
-            Ok(b) => Zeroizing::new(b),
+        let bytes = match read_private(&path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(KeyError::NotFound {
                     uri: uri.redacted(),
@@ -113,7 +128,11 @@ impl KeyStore for FileKeyStore {
                 })
             }
             Err(e) => return Err(Self::io(&path, "read key file")(e)),
-        };
+        }
+        .map_err(|mode| KeyError::Exposed {
+            path: path.clone(),
+            mode,
+        })?;
         let (_format, secret) = parse_private_key(&path, &bytes)?;
         let public_der = secret.public_key_der(&path)?;
         Ok(Arc::new(FileKey {
@@ -705,7 +724,7 @@ mod tests {
         ] {
             assert_eq!(parse(text).unwrap().0, format);
             let path = dir.join(name);
-            fs::write(&path, text).unwrap();
+            crate::fsutil::atomic_write(&path, text.as_bytes(), 0o600).unwrap();
             let k = store.open(&KeyUri::file(&path)).unwrap();
             assert_eq!(k.algorithm(), KeyAlgorithm::Rsa { bits: 2048 });
             assert_eq!(k.algorithm().to_string(), "rsa-2048");
@@ -865,6 +884,33 @@ mod tests {
         let (format, secret) = parse(&text).unwrap();
         assert_eq!(format, KeyFormat::Pkcs8);
         assert_eq!(secret.algorithm(), KeyAlgorithm::EcdsaP256);
+    }
+
+    #[test]
+    fn a_key_file_other_users_can_read_or_write_is_refused() {
+        let dir = tmpdir();
+        let store = FileKeyStore::new(&dir);
+        let uri = store.generate("op-mode", KeyAlgorithm::EcdsaP256).unwrap();
+        let path = file_path(&uri).unwrap();
+        for mode in [0o640, 0o644, 0o604, 0o620, 0o602, 0o666] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = store.open(&uri).err().unwrap();
+            assert!(
+                matches!(err, KeyError::Exposed { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("mode {mode:04o}"))
+                    && text.contains(&format!("chmod 600 {}", path.display())),
+                "{text}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            store.open(&uri).unwrap();
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -408,6 +408,8 @@ pub enum KeyError {
     },
     #[error("{}: {reason}", path.display())]
     Format { path: PathBuf, reason: String },
+    #[error("{p}: other users may read or change this private key (mode {mode:04o}), so it is refused: run chmod 600 {p} and make the dps-agent user its owner", p = path.display())]
+    Exposed { path: PathBuf, mode: u32 },
     #[error("{what} is not supported by the {backend} key backend{hint}")]
     Unsupported {
         backend: Backend,
