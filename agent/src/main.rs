@@ -172,7 +172,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("dps-agent: error: {}", causes(&e));
+                dps_agent::logging::print_fatal(&causes(&e));
                 ExitCode::FAILURE
             }
         };
@@ -182,7 +182,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The whole chain of causes, on one line.
-            eprintln!("dps-agent: error: {}", causes(e.as_ref()));
+            dps_agent::logging::print_fatal(&causes(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -510,7 +510,7 @@ fn run_once(config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("dps-agent: error: provisioning failed: {}", causes(&e));
+            dps_agent::logging::print_fatal(&format!("provisioning failed: {}", causes(&e)));
             log::debug!("details: {e:?}");
             Ok(if e.is_transient() {
                 ExitCode::from(EXIT_TEMPFAIL)

@@ -115,6 +115,27 @@ fn stderr_line(record: &Record, terminal: bool) -> String {
     }
 }
 
+/// The line that reports a fatal error, the last a failing command writes.
+/// On a terminal `dps-agent: error: …`; elsewhere (the service's journal
+/// stream, a pipe) with the `<3>` prefix, so that journald files it at
+/// priority err and `journalctl -p err` shows the cause, not only systemd's
+/// "Failed to start".
+pub fn fatal_line(message: &str, terminal: bool) -> String {
+    let text = one_line(&format_args!("{message}"));
+    if terminal {
+        format!("dps-agent: error: {text}\n")
+    } else {
+        format!("<3>dps-agent: error: {text}\n")
+    }
+}
+
+/// Writes [`fatal_line`] to stderr.
+pub fn print_fatal(message: &str) {
+    let stderr = std::io::stderr();
+    let line = fatal_line(message, stderr.is_terminal());
+    let _ = stderr.lock().write_all(line.as_bytes());
+}
+
 struct Logger {
     level: LevelFilter,
     journal: Option<JournalLog>,
@@ -205,6 +226,23 @@ pub fn init(level: LevelFilter) -> Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fatal_error_is_filed_at_priority_err_off_a_terminal() {
+        assert_eq!(
+            fatal_line("operational key: no TPM at /dev/tpmrm0", false),
+            "<3>dps-agent: error: operational key: no TPM at /dev/tpmrm0\n"
+        );
+        assert_eq!(
+            fatal_line("config: bad", true),
+            "dps-agent: error: config: bad\n"
+        );
+        // One line whatever the message holds.
+        assert_eq!(
+            fatal_line("a\n<6>b", false),
+            "<3>dps-agent: error: a\\n<6>b\n"
+        );
+    }
 
     #[test]
     fn log_choice_parses_and_decides() {
