@@ -50,6 +50,19 @@ fn is_operational_key(uri: &KeyUri) -> bool {
         || s.contains(&format!("object={OPERATIONAL_KEY_PREFIX}"))
 }
 
+/// At the start of a process: a backoff after a local failure (see
+/// [`ProvisionError::is_local`]) ends now, so the restart that follows a fix
+/// retries at once. A backoff after a server's answer stays.
+fn retry_a_local_failure_now(record: &mut LifecycleState, now_ms: i64) {
+    if record.failure_local && record.next_attempt_ms.is_some_and(|t| t > now_ms) {
+        log::info!(
+            "the last attempt failed on this machine ({}); retrying at once instead of at the scheduled time",
+            record.last_error.as_deref().unwrap_or("no detail")
+        );
+        record.next_attempt_ms = Some(now_ms);
+    }
+}
+
 /// Why an attempt failed. The committed identity (if any) is untouched in
 /// every case.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +96,29 @@ impl ProvisionError {
             ProvisionError::Dps(e) => e.is_transient(),
             ProvisionError::Interrupted | ProvisionError::Hub(_) => true,
             _ => false,
+        }
+    }
+
+    /// Whether the failure was on this machine (configuration, a file, a key,
+    /// a device, the disk) rather than an answer from DPS or the hub. Only
+    /// such a failure is retried at once by a new process: a crash loop must
+    /// not hammer DPS, but an owner who fixed the config and restarted the
+    /// service should not wait half an hour.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ProvisionError::Bootstrap(_)
+            | ProvisionError::Key(_)
+            | ProvisionError::Csr(_)
+            | ProvisionError::Tls(_)
+            | ProvisionError::Store(_)
+            | ProvisionError::State(_) => true,
+            ProvisionError::Dps(e) => matches!(
+                e,
+                DpsError::Credential(_) | DpsError::ServerNotTrusted { .. }
+            ),
+            ProvisionError::Chain(_) | ProvisionError::Hub(_) | ProvisionError::Interrupted => {
+                false
+            }
         }
     }
 
@@ -161,7 +197,8 @@ impl Agent {
         let store = Store::open(&config.state.dir)?;
         let backends = Keys::new(KeySettings::from_config(&config));
         let keys = backends.store(config.operational.key_backend)?;
-        let record = LifecycleState::load(store.dir())?;
+        let mut record = LifecycleState::load(store.dir())?;
+        retry_a_local_failure_now(&mut record, clock.now_ms());
         let identity = store.load_identity()?;
         let policy = Policy::from_config(&config.operational);
         let (status, _) = watch::channel(Status::build(
@@ -468,11 +505,13 @@ impl Agent {
             ),
         );
         let message = e.to_string();
+        let local = e.is_local();
         self.update_or_log("the failure", |r| {
             r.phase = Phase::Failed;
             r.failures = failures;
             r.last_error = Some(message);
             r.next_attempt_ms = Some(next);
+            r.failure_local = local;
             r.pending = None;
         });
     }
@@ -774,6 +813,7 @@ impl Agent {
             r.phase = Phase::Provisioned;
             r.pending = None;
             r.failures = 0;
+            r.failure_local = false;
             r.last_error = None;
             r.next_attempt_ms = None;
             r.last_renewal = Some(now);
@@ -981,5 +1021,68 @@ mod tests {
             "pkcs11:token=t;object=device;type=private"
         )));
         assert!(!is_operational_key(&k("tpm:handle=0x81000101")));
+    }
+
+    #[test]
+    fn failures_here_are_local_and_answers_from_servers_are_not() {
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let local = [
+            ProvisionError::Bootstrap(BootstrapError::Read {
+                path: "/etc/dps-agent/bootstrap/device.pem".into(),
+                source: missing(),
+            }),
+            ProvisionError::Key(KeyError::NotFound {
+                uri: "tpm:handle=0x81000101".into(),
+                hint: String::new(),
+            }),
+            ProvisionError::State(StateError::Io {
+                path: "/var/lib/dps-agent/lifecycle.json".into(),
+                action: "write",
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            }),
+            ProvisionError::Dps(DpsError::Credential(crate::dps::CredentialError::KeyFile {
+                path: "/etc/dps-agent/dps.key".into(),
+                problem: "cannot be read".into(),
+                fix: "put it there".into(),
+            })),
+        ];
+        for e in &local {
+            assert!(e.is_local(), "{e}");
+        }
+        let remote = [
+            ProvisionError::Dps(DpsError::Disabled),
+            ProvisionError::Dps(DpsError::Unreachable {
+                endpoint: "global.azure-devices-provisioning.net".into(),
+                reason: "dns".into(),
+            }),
+            ProvisionError::Chain(ChainError::Empty),
+            ProvisionError::Interrupted,
+        ];
+        for e in &remote {
+            assert!(!e.is_local(), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_new_process_retries_a_local_failure_at_once_and_waits_after_a_server() {
+        let failed = |local| LifecycleState {
+            phase: Phase::Failed,
+            failures: 3,
+            last_error: Some("bootstrap key: missing".into()),
+            next_attempt_ms: Some(2_000_000),
+            failure_local: local,
+            ..Default::default()
+        };
+        let mut r = failed(true);
+        retry_a_local_failure_now(&mut r, 1_000);
+        assert_eq!(r.next_attempt_ms, Some(1_000));
+        assert_eq!(r.failures, 3, "the count stays for the backoff");
+        let mut r = failed(false);
+        retry_a_local_failure_now(&mut r, 1_000);
+        assert_eq!(r.next_attempt_ms, Some(2_000_000));
+        // A time already past is left as it is.
+        let mut r = failed(true);
+        retry_a_local_failure_now(&mut r, 3_000_000);
+        assert_eq!(r.next_attempt_ms, Some(2_000_000));
     }
 }

@@ -74,6 +74,11 @@ pub struct LifecycleState {
     pub last_error: Option<String>,
     /// Earliest time of the next attempt after a failure, Unix milliseconds.
     pub next_attempt_ms: Option<i64>,
+    /// The last failure was on this machine (configuration, a missing file,
+    /// key or device), not an answer from a server: a new process (a restart
+    /// after the fix) retries at once instead of waiting for `next_attempt_ms`.
+    #[serde(default)]
+    pub failure_local: bool,
     /// When the current identity was committed.
     pub last_renewal: Option<UnixTime>,
     /// Number of identities committed since the state directory was made.
@@ -161,6 +166,7 @@ mod tests {
             failures: 2,
             last_error: Some("e".into()),
             next_attempt_ms: Some(9),
+            failure_local: true,
             last_renewal: Some(1),
             renewals: 4,
         };

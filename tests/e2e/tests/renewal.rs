@@ -524,3 +524,81 @@ fn a_second_process_during_a_renewal_is_refused_or_harmless() {
     leaf_matches_key(&state, &d.path).unwrap();
     assert_eq!(key_files(&state).len(), 1, "{:?}", key_files(&state));
 }
+
+/// After a failure on this machine (here: the bootstrap key is missing) the
+/// backoff is long, but a restart after the fix retries at once. After a
+/// refusal by DPS (enrollment disabled) a restart keeps the backoff, so a
+/// crash loop cannot hammer DPS.
+#[test]
+fn a_restart_retries_a_local_failure_at_once_but_not_a_refusal() {
+    let d = TestDir::new("restart-after-fix");
+    let pki = Pki::generate(&d.join("pki"));
+    let sim = Sim::start(
+        &d.join("sim"),
+        &pki,
+        &SimOptions {
+            retry_after: Some(0),
+            ..Default::default()
+        },
+    );
+    let key = d.join("bootstrap.key");
+    let mut setup = AgentSetup::for_sim(&d.path, &sim);
+    setup.identity_key = format!("file:{}", key.display());
+    let cfg = setup.write(&d.join("config.toml"));
+    let mut daemon = Daemon::start(&cfg, &setup.state_dir, &d.join("daemon.log"));
+    let waits_long = |s: &Value| {
+        s["failures"].as_u64() >= Some(1)
+            && s["next_attempt"]
+                .as_i64()
+                .is_some_and(|t| t - unix_now() > 600)
+    };
+    daemon.wait_for(
+        "the failure and its backoff",
+        Duration::from_secs(30),
+        |d| waits_long(&d.status()),
+    );
+    assert_eq!(registers(&sim), 0);
+
+    // The owner puts the key in place and restarts the service.
+    fs::copy(pki.device_key(), &key).unwrap();
+    daemon.stop();
+    daemon.restart();
+    daemon.wait_for("provisioning at once", Duration::from_secs(30), |d| {
+        d.status()["state"] == "provisioned"
+    });
+    assert!(daemon.log_text().contains("failed on this machine"));
+    assert_eq!(registers(&sim), 1);
+
+    // DPS refuses a renewal: a restart does not retry before the backoff ends.
+    sim.set_faults(&["status-disabled"]);
+    daemon.hup();
+    daemon.wait_for(
+        "the refusal and its backoff",
+        Duration::from_secs(30),
+        |d| waits_long(&d.status()),
+    );
+    let before = (registers(&sim), daemon.status()["next_attempt"].clone());
+    let waits = |d: &Daemon| d.log_text().matches("next attempt at ").count();
+    let announced = waits(&daemon);
+    daemon.stop();
+    daemon.restart();
+    // The restarted daemon announces its wait once it has decided not to try.
+    daemon.wait_for(
+        "the restarted daemon to announce its wait",
+        Duration::from_secs(30),
+        |d| waits(d) > announced,
+    );
+    assert_eq!(
+        (registers(&sim), daemon.status()["next_attempt"].clone()),
+        before,
+        "a restart after a refusal by DPS must keep the backoff"
+    );
+    daemon.stop();
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
