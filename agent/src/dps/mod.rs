@@ -362,6 +362,7 @@ async fn run_attempt(
                 }
                 Ok(Reply::Disabled) => return Err(DpsError::Disabled),
                 Ok(Reply::Error(e)) if e.status == 429 || e.status >= 500 => {
+                    connect_failures = 0;
                     // A registration is retried no sooner than the backoff
                     // allows, whatever retry-after says (0 would spin: the
                     // poll limit covers polls only).
@@ -388,7 +389,13 @@ async fn run_attempt(
                 Err(reason) => return Err(DpsError::Malformed { reason }),
             },
             Err(e) if e.is_transient() => {
-                if matches!(e, DpsError::Unreachable { .. }) {
+                // No answer at all (no route, no name, refused, dropped): a few
+                // in a row end the attempt, so the failure is recorded and shown
+                // (status, D-Bus) instead of retried silently until the deadline.
+                if matches!(
+                    e,
+                    DpsError::Unreachable { .. } | DpsError::ConnectionLost { .. }
+                ) {
                     connect_failures += 1;
                     if connect_failures >= MAX_CONNECT_FAILURES {
                         return Err(e);

@@ -233,12 +233,20 @@ fn classify(e: ConnectionError, endpoint: &str, method: Method) -> DpsError {
         ConnectionError::Io(io) | ConnectionError::Tls(rumqttc::TlsError::Io(io)) => {
             use std::io::ErrorKind as K;
             match io.kind() {
-                K::ConnectionRefused | K::NotFound | K::AddrNotAvailable | K::TimedOut => {
-                    DpsError::Unreachable {
-                        endpoint,
-                        reason: io.to_string(),
-                    }
-                }
+                K::ConnectionRefused
+                | K::NotFound
+                | K::AddrNotAvailable
+                | K::TimedOut
+                | K::HostUnreachable
+                | K::NetworkUnreachable => DpsError::Unreachable {
+                    endpoint,
+                    reason: io.to_string(),
+                },
+                // getaddrinfo's failures come as plain errors.
+                _ if io.to_string().contains("lookup address") => DpsError::Unreachable {
+                    endpoint,
+                    reason: io.to_string(),
+                },
                 _ => DpsError::ConnectionLost {
                     reason: io.to_string(),
                 },

@@ -602,3 +602,35 @@ fn unix_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// A DPS host name that does not resolve: after a few tries the attempt ends
+/// and the failure shows in the status (what D-Bus `LastError`/`Failures`
+/// publish) instead of being retried silently until the attempt deadline.
+#[test]
+fn an_unknown_dps_host_shows_as_a_failure_while_the_daemon_retries() {
+    let d = TestDir::new("no-such-host");
+    let pki = Pki::generate(&d.join("pki"));
+    let sim = Sim::start(&d.join("sim"), &pki, &SimOptions::default());
+    let mut setup = AgentSetup::for_sim(&d.path, &sim);
+    // RFC 6761: names under .invalid never resolve.
+    setup.endpoint = "dps.no-such-host.invalid:8883".into();
+    // A deadline far beyond the wait below: only ending the attempt early passes.
+    let cfg = d.join("config.toml");
+    fs::write(
+        &cfg,
+        setup
+            .toml()
+            .replace("attempt_timeout = \"60s\"", "attempt_timeout = \"10m\""),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(&cfg, &setup.state_dir, &d.join("daemon.log"));
+    daemon.wait_for("the failure in the status", Duration::from_secs(120), |d| {
+        let s = d.status();
+        s["failures"].as_u64() >= Some(1)
+            && s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("dps.no-such-host.invalid"))
+            && s["next_attempt"].is_number()
+    });
+    daemon.stop();
+}
