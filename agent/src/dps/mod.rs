@@ -365,16 +365,13 @@ async fn run_attempt(
                     connect_failures = 0;
                     // A registration is retried no sooner than the backoff
                     // allows, whatever retry-after says (0 would spin: the
-                    // poll limit covers polls only).
-                    let floor = if operation.is_none() {
-                        backoff.next_delay()
-                    } else {
-                        Duration::ZERO
+                    // poll limit covers polls only). One backoff draw per
+                    // failure either way.
+                    let wait = match e.retry_after.map(Duration::from_secs) {
+                        Some(ra) if operation.is_none() => ra.max(backoff.next_delay()),
+                        Some(ra) => ra,
+                        None => backoff.next_delay(),
                     };
-                    let wait = e
-                        .retry_after
-                        .map(Duration::from_secs)
-                        .map_or_else(|| backoff.next_delay(), |ra| ra.max(floor));
                     log::info!("DPS: {e}; retrying in {}s", wait.as_secs_f32());
                     (wait, Some(DpsError::Service(e)))
                 }
