@@ -112,6 +112,12 @@ impl KeyStore for FileKeyStore {
             reason: format!("cannot encode the new key: {e}"),
         })?;
         fsutil::ensure_dir(&self.dir, 0o700).map_err(Self::io(&self.dir, "create directory"))?;
+        if path.exists() {
+            // Never replace a key (it may be the committed one).
+            return Err(Self::io(&path, "make a new key file")(
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ));
+        }
         fsutil::atomic_write(&path, pem.as_bytes(), 0o600)
             .map_err(Self::io(&path, "write key file"))?;
         Ok(KeyUri::file(&path))
@@ -910,6 +916,20 @@ mod tests {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
             store.open(&uri).unwrap();
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_key_never_replaces_an_existing_one() {
+        let dir = tmpdir();
+        let store = FileKeyStore::new(&dir);
+        let first = store.generate("op-same", KeyAlgorithm::EcdsaP256).unwrap();
+        let before = fs::read(file_path(&first).unwrap()).unwrap();
+        let err = store
+            .generate("op-same", KeyAlgorithm::EcdsaP256)
+            .unwrap_err();
+        assert!(err.to_string().contains("make a new key file"), "{err}");
+        assert_eq!(fs::read(file_path(&first).unwrap()).unwrap(), before);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -646,9 +646,10 @@ impl Agent {
     async fn generate_pending_key(&self) -> Result<KeyUri, ProvisionError> {
         let now = self.clock.now();
         let name = format!(
-            "{OPERATIONAL_KEY_PREFIX}{}-{:04x}",
+            "{OPERATIONAL_KEY_PREFIX}{}-{:016x}",
             rfc3339(now).replace([':', '-'], ""),
-            rand::random::<u16>()
+            // 64 random bits: two keys made in the same second never share a name.
+            rand::random::<u64>()
         );
         self.update(|r| {
             r.pending = Some(Pending {
