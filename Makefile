@@ -23,6 +23,7 @@ help:
 	@echo "make package-test - lintian, systemd-analyze, dpkg -i/-r/-P and the arm64 binary under qemu (make test runs it)"
 	@echo "make soak   - SIGKILL the daemon at SOAK_ITERATIONS (500) random moments during renewals, keys in swtpm"
 	@echo "make fuzz   - run every cargo-fuzz target in fuzz/ for FUZZ_SECONDS (60) each"
+	@echo "make system-test - the .deb in a booted Debian 12 container (systemd-nspawn, as root; debootstrap cached in target/system-test/)"
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -172,3 +173,13 @@ deb-arm64: arm64-deps cargo-deb
 # (they create the same users) and leaves the machine as it found it.
 package-test: build deb deb-arm64
 	$(CARGO) test --locked -p dps-agent-e2e --test package -- --ignored --test-threads=1 --nocapture
+
+# --- Booted-system test (not part of `make test`) ----------------------------
+# `make system-test`: the .deb in a Debian 12 guest booted with systemd-nspawn
+# --boot --private-network (real systemd, system bus, journald), dps-sim inside
+# on loopback: install, start limit, provisioning, D-Bus policy, restart and
+# reboot, watchdog, upgrade, DPS down, purge (tests/system/run.sh, as root).
+# The debootstrap root file system is made once and cached in target/system-test/.
+.PHONY: system-test
+system-test: build deb
+	tests/system/run.sh
