@@ -553,7 +553,7 @@ fn a_restart_retries_a_local_failure_at_once_but_not_a_refusal() {
         s["failures"].as_u64() >= Some(1)
             && s["next_attempt"]
                 .as_i64()
-                .is_some_and(|t| t - unix_now() > 600)
+                .is_some_and(|t| t - dps_now() > 600)
     };
     daemon.wait_for(
         "the failure and its backoff",
@@ -597,13 +597,6 @@ fn a_restart_retries_a_local_failure_at_once_but_not_a_refusal() {
         "a restart after a refusal by DPS must keep the backoff"
     );
     daemon.stop();
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 /// A DPS host name that does not resolve: after a few tries the attempt ends
